@@ -1,0 +1,126 @@
+# Build/test entry points. A fresh clone needs only python3, node and (for `debs`) root:
+# `make test` bootstraps the pinned uv, builds the venv from requirements.lock, installs
+# the Debian packages the tests drive, then runs lint, typecheck and every test.
+#
+# Type checker: pyright from PyPI (`pyright` in requirements.lock). Its wheel bundles the
+# pyright npm package of the same version and runs it with the machine's node, so the
+# lock is the ONE place that pins it (hash-checked like every other package) and no npm
+# fetch or package.json is involved. Rejected: `npm install pyright` with a package-lock
+# (a second pin file), basedpyright (a fork with its own rules), mypy (171 s cold here).
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := test
+.DELETE_ON_ERROR:
+MAKEFLAGS += --no-builtin-rules
+
+STACK ?= dev
+VENV ?= .venv
+PYTHON3 ?= python3
+UV_VERSION := 0.13.9
+LOCK := requirements.lock
+DEBS_FILE := scripts/debian-packages.txt
+
+PYTHON := $(VENV)/bin/python
+# Inside the venv, so a deleted or relocated venv (VENV=...) never looks up to date.
+VENV_STAMP := $(VENV)/.stamp-lock
+# `python3 -m uv` finds the binary pip installed, whether or not its bin dir is on PATH.
+UV := $(PYTHON3) -m uv
+# Only paths that exist: other work adds these directories over time.
+SRC := $(wildcard components stacks scripts policy tests __main__.py)
+
+# uv must use the machine's python3: no interpreter download is possible here anyway.
+export UV_PYTHON_DOWNLOADS := never
+# Use the pyright bundled in the pinned wheel and skip its "newer version on PyPI" check.
+export PYRIGHT_PYTHON_USE_BUNDLED_PYRIGHT := 1
+export PYRIGHT_PYTHON_IGNORE_WARNINGS := 1
+unexport PYRIGHT_PYTHON_FORCE_VERSION PYRIGHT_PYTHON_PYLANCE_VERSION
+
+# uv writes no .pyc, and pulumi imports are ~3x slower without them, so compile the heavy
+# packages the program imports once per sync (all of pulumi_aws takes ~6 s on 2 cores).
+COMPILE_PACKAGES := pulumi pulumi_aws pulumi_kubernetes pulumi_random pulumi_policy \
+	grpc google opentelemetry
+
+.PHONY: venv debs lint typecheck unit test check docs rehearse rehearse-down lock clean
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): $(LOCK) Makefile
+	@echo "==> venv $(VENV) from $(LOCK)"
+	@have="$$($(UV) --version 2>/dev/null | cut -d' ' -f2)" || true; \
+	if [ "$$have" != "$(UV_VERSION)" ]; then \
+		echo "installing uv $(UV_VERSION) for $(PYTHON3) (found: $${have:-none})"; \
+		$(PYTHON3) -m pip install --quiet --root-user-action=ignore "uv==$(UV_VERSION)"; \
+	fi
+	@[ -x $(PYTHON) ] || $(UV) venv --quiet --python $(PYTHON3) $(VENV)
+	$(UV) pip sync --quiet --require-hashes --python $(PYTHON) $(LOCK)
+	@site="$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"; \
+	dirs=""; for p in $(COMPILE_PACKAGES); do \
+		[ -d "$$site/$$p" ] && dirs="$$dirs $$site/$$p"; \
+	done; \
+	echo "byte-compiling $(COMPILE_PACKAGES)"; \
+	$(PYTHON) -m compileall -q -j 2 $$dirs
+	@touch $@
+
+debs:
+	@need="$$(grep -Ev '^[[:space:]]*(#|$$)' $(DEBS_FILE) | tr -s '[:space:]' ' ')"; \
+	missing=""; for p in $$need; do \
+		dpkg-query -W -f='$${Status}\n' "$$p" 2>/dev/null | grep -qx 'install ok installed' \
+			|| missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then echo "==> debs: all present"; exit 0; fi; \
+	echo "==> debs: installing$$missing"; \
+	sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
+	policy=/usr/sbin/policy-rc.d; own_policy=""; \
+	if [ ! -e $$policy ]; then \
+		printf '#!/bin/sh\n# installed by make debs: no daemon starts on install\nexit 101\n' \
+			| $$sudo tee $$policy >/dev/null; \
+		$$sudo chmod 755 $$policy; own_policy=1; \
+		trap '$$sudo rm -f $$policy' EXIT; \
+	fi; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	$$sudo -E apt-get update -qq; \
+	$$sudo -E apt-get install -y -qq --no-install-recommends \
+		-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold $$missing
+
+lint: $(VENV_STAMP)
+	@echo "==> lint"
+	$(VENV)/bin/ruff check $(SRC)
+	$(VENV)/bin/ruff format --check $(SRC)
+
+typecheck: $(VENV_STAMP)
+	@echo "==> typecheck"
+	$(VENV)/bin/pyright --pythonpath $(PYTHON)
+
+unit: $(VENV_STAMP)
+	@echo "==> unit"
+	$(PYTHON) -m pytest -q tests/unit
+
+test: venv debs lint typecheck
+	@echo "==> pytest"
+	$(PYTHON) -m pytest -q
+
+check: $(VENV_STAMP)
+	$(PYTHON) -m stacks.check Pulumi.$(STACK).yaml
+
+# Through a temp file so a failing generator never leaves a truncated CONFIG.md behind.
+docs: $(VENV_STAMP)
+	$(PYTHON) -m stacks.docs > docs/CONFIG.md.tmp || { rm -f docs/CONFIG.md.tmp; exit 1; }
+	mv docs/CONFIG.md.tmp docs/CONFIG.md
+
+rehearse: $(VENV_STAMP)
+	$(PYTHON) scripts/rehearse.py --stack $(STACK)
+
+rehearse-down: $(VENV_STAMP)
+	$(PYTHON) scripts/rehearse.py down
+
+# Re-resolve every pin (run after editing dependencies in pyproject.toml).
+lock:
+	$(UV) pip compile pyproject.toml --all-extras --generate-hashes --universal \
+		--python-version 3.11 --custom-compile-command "make lock" --quiet -o $(LOCK)
+
+# Caches and build output only: the venv stays (others may be using it), and rehearsal
+# state is left for `make rehearse-down` to tear down properly.
+clean:
+	$(if $(SRC),find $(SRC) -name __pycache__ -type d -prune -exec rm -rf {} +)
+	rm -rf .pytest_cache .ruff_cache .hypothesis build

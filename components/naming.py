@@ -1,0 +1,102 @@
+"""Names, labels, ports and resource keys shared by components, renderers and the rehearsal.
+
+Anything one component finds another by (a Service name, a label selector, a
+port) is defined here once, so the gateway's upstreams, the engines' Services,
+the monitors' selectors and the offline rehearsal cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+TYPE_PREFIX: Final = "qwen-vl-serving"
+PART_OF: Final = "qwen-vl-serving"
+
+# Kubernetes labels.
+NAME_LABEL: Final = "app.kubernetes.io/name"
+COMPONENT_LABEL: Final = "app.kubernetes.io/component"
+PART_OF_LABEL: Final = "app.kubernetes.io/part-of"
+DEPLOYMENT_LABEL: Final = "qwen-vl-serving/deployment"
+MODEL_LABEL: Final = "qwen-vl-serving/model"
+NODE_GROUP_LABEL: Final = "qwen-vl-serving/node-group"
+NODE_ROLE_LABEL: Final = "qwen-vl-serving/role"
+EFA_LABEL: Final = "qwen-vl-serving/efa"
+INSTANCE_TYPE_LABEL: Final = "node.kubernetes.io/instance-type"
+ZONE_LABEL: Final = "topology.kubernetes.io/zone"
+# LeaderWorkerSet's own labels (kubernetes-sigs/lws).
+LWS_NAME_LABEL: Final = "leaderworkerset.sigs.k8s.io/name"
+LWS_WORKER_INDEX_LABEL: Final = "leaderworkerset.sigs.k8s.io/worker-index"
+LWS_GROUP_INDEX_LABEL: Final = "leaderworkerset.sigs.k8s.io/group-index"
+
+SYSTEM_ROLE: Final = "system"
+GPU_ROLE: Final = "gpu"
+
+# Every GPU node carries this taint so only pods that ask for GPUs land there.
+GPU_TAINT_KEY: Final = "nvidia.com/gpu"
+GPU_TAINT_VALUE: Final = "true"
+GPU_TAINT_EFFECT: Final = "NoSchedule"
+
+# Extended resources.
+GPU_RESOURCE: Final = "nvidia.com/gpu"
+EFA_RESOURCE: Final = "vpc.amazonaws.com/efa"
+HUGEPAGES_RESOURCE: Final = "hugepages-2Mi"
+
+# Ports.
+VLLM_PORT: Final = 8000
+MASTER_PORT: Final = 29501
+GATEWAY_PORT: Final = 8080
+GATEWAY_STATUS_PORT: Final = 8081
+GATEWAY_SERVICE_PORT: Final = 80
+GATEWAY_TLS_PORT: Final = 443
+NGINX_EXPORTER_PORT: Final = 9113
+REDIS_PORT: Final = 6379
+REDIS_EXPORTER_PORT: Final = 9121
+NODE_EXPORTER_PORT: Final = 9100
+PROMETHEUS_PORT: Final = 9090
+GRAFANA_PORT: Final = 3000
+WEBUI_PORT: Final = 8080
+
+# Service and workload names that others resolve by DNS.
+GATEWAY_NAME: Final = "gateway"
+REDIS_NAME: Final = "redis"
+WEBUI_NAME: Final = "webui"
+
+# Secrets (built from Pulumi secrets; referenced, never inlined).
+GATEWAY_KEYS_SECRET: Final = "gateway-api-keys"
+ENGINE_SECRET: Final = "vllm-engine"
+REDIS_SECRET: Final = "redis-auth"
+WEBUI_SECRET: Final = "webui"
+ENGINE_API_KEY_ENTRY: Final = "VLLM_API_KEY"
+HF_TOKEN_ENTRY: Final = "HF_TOKEN"
+
+MONITORING_NAMESPACE: Final = "monitoring"
+KEDA_NAMESPACE: Final = "keda"
+SYSTEM_NAMESPACE: Final = "kube-system"
+
+
+def lws_name(deployment: str) -> str:
+    """The LeaderWorkerSet of a deployment; LWS also names the group's headless Service so."""
+    return deployment
+
+
+def leader_service_name(deployment: str) -> str:
+    """Headless Service over a deployment's leader pods (the gateway's upstream, metrics)."""
+    return f"{deployment}-leader"
+
+
+def service_host(name: str, namespace: str) -> str:
+    return f"{name}.{namespace}.svc.cluster.local"
+
+
+def leader_address(deployment: str, namespace: str, group: int = 0) -> str:
+    """DNS name of group `group`'s leader pod, as LWS publishes it (LWS_LEADER_ADDRESS)."""
+    lws = lws_name(deployment)
+    return f"{lws}-{group}.{lws}.{namespace}"
+
+
+def gateway_internal_url(namespace: str) -> str:
+    return f"http://{service_host(GATEWAY_NAME, namespace)}"
+
+
+def common_labels(component: str, name: str) -> dict[str, str]:
+    return {NAME_LABEL: name, COMPONENT_LABEL: component, PART_OF_LABEL: PART_OF}

@@ -1,0 +1,410 @@
+"""Capacity planner: does a Qwen3-VL deployment fit its node group, and how much KV cache does it leave?
+
+The arithmetic follows facts §C10 and the vLLM contract (§2.1: TP may span nodes; §5: flag names and defaults):
+
+- weights per GPU = text bytes / (TP × PP) + vision bytes / TP (each share rounded up) ("weights" encoder mode) or the full vision bytes
+  ("data" mode replicates the encoder on every GPU). The vision tower lives on the first pipeline stage only; the
+  planner charges it to that stage, the fullest one, and reports that stage's numbers.
+- KV bytes per token per GPU = 2 × ceil(layers / PP) × max(1, kv_heads // TP) × head_dim × dtype bytes; vLLM keeps at
+  least one KV head per GPU, so TP beyond the KV-head count replicates heads (facts §C10).
+- KV cache per GPU = floor(GPU memory × gpu_memory_utilization) − weights − ACTIVATION_RESERVE_BYTES.
+
+A deployment runs one pod per node using all of the node's GPUs, so TP × PP must equal GPUs per node × nodes.
+Every problem names the settings field (camelCase, as users write it) and a concrete fix. The result is an estimate
+for planning; vLLM measures the real KV budget at startup.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from types import MappingProxyType
+from typing import Literal, get_args
+
+from stacks.catalog import FP8_SUFFIX, GIB, KIB, MIB, InstanceType, ModelSpec, model_spec
+
+KvCacheDtype = Literal["auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2"]
+MmEncoderTpMode = Literal["weights", "data"]
+PlanField = Literal[
+    "tensorParallel",
+    "pipelineParallel",
+    "nodesPerGroup",
+    "maxModelLen",
+    "gpuMemoryUtilization",
+    "kvCacheDtype",
+    "mmEncoderTpMode",
+    "expertParallel",
+    "nodeGroup",
+]
+
+KV_CACHE_DTYPE_BYTES: Mapping[str, int] = MappingProxyType(
+    # "auto" = the model dtype: bf16 for every Qwen3-VL checkpoint, the FP8 ones included (they quantize weights only).
+    {"auto": 2, "bfloat16": 2, "float16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
+)
+MM_ENCODER_TP_MODES: tuple[str, ...] = get_args(MmEncoderTpMode)
+
+ACTIVATION_RESERVE_BYTES = 2 * GIB
+"""Per-GPU memory held back from the KV cache besides the weights.
+
+vLLM's startup profiling run reserves the activation peak of a max-size batch, CUDA graph memory and the multimodal
+encoder's dummy batch (Qwen3-VL profiles with dummy videos, vllm-contract §7). The real figure is measured at startup
+and depends on flags; 2 GiB is a conservative fixed stand-in so plans fail early rather than at pod start.
+"""
+
+# /dev/shm sizing. NCCL's shared-memory transport and the mp executor's shm broadcast queues (vllm-contract §2.1)
+# live in /dev/shm; Docker's default 64 MiB breaks TP > 1. A lone single-GPU pod needs little (1 GiB); anything with
+# peers gets 2 GiB per local GPU, 16 GiB for 8 GPUs, in line with the 15-20 GiB the anchors use (anchors.md §3).
+SHM_SINGLE_GPU_BYTES = 1 * GIB
+SHM_PER_GPU_BYTES = 2 * GIB
+
+FP8_BLOCK_N = 128
+"""FP8 checkpoints quantize weights in 128-wide blocks; a TP shard of an expert must hold whole blocks (facts §C9)."""
+
+MAX_MODEL_LEN_STEP = 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanRequest:
+    model: ModelSpec
+    instance: InstanceType
+    tensor_parallel: int
+    pipeline_parallel: int
+    nodes_per_group: int
+    max_model_len: int
+    gpu_memory_utilization: float
+    kv_cache_dtype: str = "auto"
+    mm_encoder_tp_mode: str = "weights"
+    expert_parallel: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    gpus_per_node: int
+    gpus_per_group: int
+    weight_bytes_per_gpu: int
+    kv_bytes_per_token_per_gpu: int
+    kv_bytes_per_token: int
+    kv_cache_bytes_per_gpu: int
+    kv_cache_tokens: int
+    full_length_sequences: int
+    min_shm_bytes: int
+
+
+@dataclass(frozen=True)
+class PlanProblem:
+    field: PlanField
+    value: object
+    reason: str
+
+
+def plan(request: PlanRequest) -> tuple[Plan | None, tuple[PlanProblem, ...]]:
+    """Check a request and size it. All problems are collected; the plan is None when there is any."""
+    problems: list[PlanProblem] = []
+    layout_ok = _check_layout(request, problems)
+    _check_heads(request, problems)
+    _check_experts(request, problems)
+    settings_ok = _check_settings(request, problems)
+    length_ok = _check_max_model_len(request, problems)
+    if not (layout_ok and settings_ok):
+        return None, tuple(problems)
+    result = _size(request)
+    problems.extend(_fit_problems(request, result, check_length=length_ok))
+    return (None if problems else result), tuple(problems)
+
+
+def format_bytes(n: int) -> str:
+    sign = "-" if n < 0 else ""
+    magnitude = abs(n)
+    for unit, size in (("GiB", GIB), ("MiB", MIB), ("KiB", KIB)):
+        if magnitude >= size:
+            return f"{sign}{magnitude / size:.1f} {unit}"
+    return f"{sign}{magnitude} B"
+
+
+_TABLE_HEADER = (
+    "deployment",
+    "model",
+    "instance x nodes",
+    "TP x PP",
+    "GPUs",
+    "weights/GPU",
+    "KV bytes/token (group)",
+    "KV cache/GPU",
+    "full-length seqs",
+    "min shm",
+)
+
+
+def plan_table(rows: Sequence[tuple[str, Plan, PlanRequest]]) -> str:
+    """Plain-text table, one line per deployment, columns padded to their widest cell."""
+    cells = [_TABLE_HEADER, *(_table_row(name, p, r) for name, p, r in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(_TABLE_HEADER))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines) + "\n"
+
+
+def _table_row(name: str, p: Plan, r: PlanRequest) -> tuple[str, ...]:
+    return (
+        name,
+        r.model.id,
+        f"{r.instance.name} x {r.nodes_per_group}",
+        f"{r.tensor_parallel} x {r.pipeline_parallel}",
+        str(p.gpus_per_group),
+        format_bytes(p.weight_bytes_per_gpu),
+        f"{p.kv_bytes_per_token:,} B",
+        format_bytes(p.kv_cache_bytes_per_gpu),
+        f"{p.full_length_sequences} x {r.max_model_len}",
+        format_bytes(p.min_shm_bytes),
+    )
+
+
+# --- sizing ---------------------------------------------------------------------------------------------------------
+
+
+def _size(r: PlanRequest) -> Plan:
+    tp, pp = r.tensor_parallel, r.pipeline_parallel
+    weights = _weight_bytes_per_gpu(r.model, tp, pp, r.mm_encoder_tp_mode)
+    per_token = _kv_bytes_per_token_per_gpu(r.model, tp, pp, KV_CACHE_DTYPE_BYTES[r.kv_cache_dtype])
+    kv_bytes = _usable_bytes_per_gpu(r) - weights
+    tokens = max(kv_bytes, 0) // per_token
+    return Plan(
+        gpus_per_node=r.instance.gpus,
+        gpus_per_group=r.instance.gpus * r.nodes_per_group,
+        weight_bytes_per_gpu=weights,
+        kv_bytes_per_token_per_gpu=per_token,
+        kv_bytes_per_token=per_token * tp * pp,
+        kv_cache_bytes_per_gpu=kv_bytes,
+        kv_cache_tokens=tokens,
+        full_length_sequences=tokens // r.max_model_len,
+        min_shm_bytes=_min_shm_bytes(r.instance.gpus, r.nodes_per_group),
+    )
+
+
+def _weight_bytes_per_gpu(model: ModelSpec, tp: int, pp: int, mm_encoder_tp_mode: str) -> int:
+    text = _ceil_div(model.text_weight_bytes, tp * pp)
+    vision = model.vision_weight_bytes if mm_encoder_tp_mode == "data" else _ceil_div(model.vision_weight_bytes, tp)
+    return text + vision
+
+
+def _kv_bytes_per_token_per_gpu(model: ModelSpec, tp: int, pp: int, dtype_bytes: int) -> int:
+    return 2 * _ceil_div(model.layers, pp) * max(1, model.kv_heads // tp) * model.head_dim * dtype_bytes
+
+
+def _usable_bytes_per_gpu(r: PlanRequest) -> int:
+    # Fraction(str(...)) takes the utilization as written (0.9 is exactly 9/10), so floor() is not off by one byte.
+    budget = math.floor(r.instance.gpu_memory_bytes * Fraction(str(r.gpu_memory_utilization)))
+    return budget - ACTIVATION_RESERVE_BYTES
+
+
+def _min_shm_bytes(gpus_per_node: int, nodes: int) -> int:
+    if gpus_per_node == 1 and nodes == 1:
+        return SHM_SINGLE_GPU_BYTES
+    return SHM_PER_GPU_BYTES * gpus_per_node
+
+
+# --- checks that need no sizing -------------------------------------------------------------------------------------
+
+
+def _check_layout(r: PlanRequest, problems: list[PlanProblem]) -> bool:
+    """Node group, TP, PP and group size; True when the GPU layout is usable for sizing."""
+    ok = True
+    if r.instance.gpus == 0:
+        reason = f"{r.instance.name} has no GPUs; use a GPU instance type such as g6e.xlarge, g6e.48xlarge or p5.48xlarge"
+        problems.append(PlanProblem("nodeGroup", r.instance.name, reason))
+        ok = False
+    counts: tuple[tuple[PlanField, int], ...] = (
+        ("tensorParallel", r.tensor_parallel),
+        ("pipelineParallel", r.pipeline_parallel),
+        ("nodesPerGroup", r.nodes_per_group),
+    )
+    for field, value in counts:
+        if value < 1:
+            problems.append(PlanProblem(field, value, "must be at least 1"))
+            ok = False
+    if not ok:
+        return False
+    if r.pipeline_parallel > r.model.layers:
+        reason = f"must not exceed the {r.model.layers} layers of {r.model.id} (each pipeline stage holds whole layers)"
+        problems.append(PlanProblem("pipelineParallel", r.pipeline_parallel, reason))
+        ok = False
+    gpus, tp = r.instance.gpus, r.tensor_parallel
+    if gpus % tp and tp % gpus:
+        reason = f"must divide the {gpus} GPUs of {r.instance.name} (try {_or_join(_divisors(gpus))})"
+        problems.append(PlanProblem("tensorParallel", tp, reason))
+        ok = False
+    total = gpus * r.nodes_per_group
+    if tp * r.pipeline_parallel != total:
+        problems.append(_group_size_problem(r, total))
+        ok = False
+    return ok
+
+
+def _group_size_problem(r: PlanRequest, total: int) -> PlanProblem:
+    tp, pp, gpus = r.tensor_parallel, r.pipeline_parallel, r.instance.gpus
+    fixes: list[str] = []
+    if total % tp == 0 and total // tp <= r.model.layers:
+        fixes.append(f"pipelineParallel {total // tp}")
+    if (tp * pp) % gpus == 0:
+        fixes.append(f"nodesPerGroup {tp * pp // gpus}")
+    if not fixes:
+        fixes.append(f"a tensorParallel × pipelineParallel of {total}")
+    reason = (
+        f"tensorParallel × pipelineParallel = {tp} × {pp} = {tp * pp} must equal the {total} GPUs of the group "
+        f"({r.nodes_per_group} × {r.instance.name} with {gpus} GPUs each); try {_or_join(fixes)}"
+    )
+    return PlanProblem("pipelineParallel", pp, reason)
+
+
+def _check_heads(r: PlanRequest, problems: list[PlanProblem]) -> None:
+    model, tp = r.model, r.tensor_parallel
+    if tp < 1:
+        return
+    head_divisors = _divisors(model.attention_heads)
+    if model.attention_heads % tp:
+        reason = (
+            f"must divide the {model.attention_heads} attention heads of {model.id} (try {_or_join(head_divisors)})"
+        )
+        problems.append(PlanProblem("tensorParallel", tp, reason))
+    elif model.kv_heads % tp and tp % model.kv_heads:
+        fits = [t for t in head_divisors if model.kv_heads % t == 0 or t % model.kv_heads == 0]
+        reason = (
+            f"must divide the {model.kv_heads} KV heads of {model.id} or be a multiple of them "
+            f"(vLLM then replicates KV heads); try {_or_join(fits)}"
+        )
+        problems.append(PlanProblem("tensorParallel", tp, reason))
+
+
+def _check_experts(r: PlanRequest, problems: list[PlanProblem]) -> None:
+    model, tp = r.model, r.tensor_parallel
+    if r.expert_parallel and not model.moe:
+        reason = (
+            f"{model.id} is a dense model; expert parallelism only applies to the MoE models "
+            "(Qwen3-VL-30B-A3B, Qwen3-VL-235B-A22B); set expertParallel to false"
+        )
+        problems.append(PlanProblem("expertParallel", r.expert_parallel, reason))
+        return
+    if not (model.moe and model.fp8) or r.expert_parallel or tp < 1:
+        return
+    blocks = model.moe_intermediate_size // FP8_BLOCK_N
+    if blocks % tp:
+        tps = [t for t in _divisors(blocks) if model.attention_heads % t == 0]
+        reason = (
+            f"{model.id} stores each expert's {model.moe_intermediate_size}-wide MLP in FP8 blocks of {FP8_BLOCK_N}, "
+            f"so tensor parallelism can split experts only {blocks} ways and TP {tp} does not divide {blocks}; "
+            f"set expertParallel to true (the official TP8 recipe does) or use tensorParallel {_or_join(tps)}"
+        )
+        problems.append(PlanProblem("expertParallel", r.expert_parallel, reason))
+
+
+def _check_settings(r: PlanRequest, problems: list[PlanProblem]) -> bool:
+    ok = True
+    util = r.gpu_memory_utilization
+    if not 0 < util <= 1:
+        reason = "must be in (0, 1]: the fraction of each GPU's memory vLLM may use (vLLM's default is 0.92)"
+        problems.append(PlanProblem("gpuMemoryUtilization", util, reason))
+        ok = False
+    if r.kv_cache_dtype not in KV_CACHE_DTYPE_BYTES:
+        reason = f"must be one of {_or_join(list(KV_CACHE_DTYPE_BYTES))}; fp8 halves the KV cache bytes per token"
+        problems.append(PlanProblem("kvCacheDtype", r.kv_cache_dtype, reason))
+        ok = False
+    if r.mm_encoder_tp_mode not in MM_ENCODER_TP_MODES:
+        reason = f"must be {_or_join(list(MM_ENCODER_TP_MODES))}"
+        problems.append(PlanProblem("mmEncoderTpMode", r.mm_encoder_tp_mode, reason))
+        ok = False
+    return ok
+
+
+def _check_max_model_len(r: PlanRequest, problems: list[PlanProblem]) -> bool:
+    limit = r.model.max_context
+    if 1 <= r.max_model_len <= limit:
+        return True
+    reason = (
+        f"must be between 1 and {limit}, the max_position_embeddings of {r.model.id} "
+        "(longer contexts need YaRN rope scaling, which this planner does not model)"
+    )
+    problems.append(PlanProblem("maxModelLen", r.max_model_len, reason))
+    return False
+
+
+# --- checks on the sized plan ---------------------------------------------------------------------------------------
+
+
+def _fit_problems(r: PlanRequest, p: Plan, *, check_length: bool) -> list[PlanProblem]:
+    if p.kv_cache_bytes_per_gpu <= 0:
+        return [_weights_problem(r, p)]
+    if check_length and p.full_length_sequences < 1:
+        return [_length_problem(r, p)]
+    return []
+
+
+def _weights_problem(r: PlanRequest, p: Plan) -> PlanProblem:
+    tp, pp = r.tensor_parallel, r.pipeline_parallel
+    fixes: list[str] = []
+    bigger = _smallest_group_that_fits(r)
+    if bigger is not None:
+        nodes, stages = bigger
+        fixes.append(f"nodesPerGroup {nodes} with pipelineParallel {stages}")
+    fp8 = None if r.model.fp8 else model_spec(r.model.id + FP8_SUFFIX)
+    if fp8 is not None:
+        fp8_weights = _weight_bytes_per_gpu(fp8, tp, pp, r.mm_encoder_tp_mode)
+        fixes.append(f"the FP8 checkpoint {fp8.id} ({format_bytes(fp8_weights)} per GPU at this layout)")
+    fixes.append("an instance type with more or larger GPUs")
+    reason = (
+        f"the weights need {format_bytes(p.weight_bytes_per_gpu)} per GPU at TP {tp} × PP {pp}, but only "
+        f"{format_bytes(_usable_bytes_per_gpu(r))} is usable ({r.instance.gpu_memory_mib} MiB × "
+        f"{r.gpu_memory_utilization} minus the {format_bytes(ACTIVATION_RESERVE_BYTES)} activation reserve): "
+        f"{format_bytes(-p.kv_cache_bytes_per_gpu)} missing and nothing left for KV cache; use {_or_join(fixes)}"
+    )
+    return PlanProblem("nodesPerGroup", r.nodes_per_group, reason)
+
+
+def _smallest_group_that_fits(r: PlanRequest) -> tuple[int, int] | None:
+    """(nodes, PP) of the smallest larger group, same TP, whose weights leave room for KV cache."""
+    gpus, tp = r.instance.gpus, r.tensor_parallel
+    usable = _usable_bytes_per_gpu(r)
+    max_nodes = r.model.layers * tp // gpus  # beyond this PP would exceed the layer count
+    for nodes in range(r.nodes_per_group + 1, max_nodes + 1):
+        if (nodes * gpus) % tp:
+            continue
+        stages = nodes * gpus // tp
+        if usable - _weight_bytes_per_gpu(r.model, tp, stages, r.mm_encoder_tp_mode) > 0:
+            return nodes, stages
+    return None
+
+
+def _length_problem(r: PlanRequest, p: Plan) -> PlanProblem:
+    fixes: list[str] = []
+    longest = p.kv_cache_tokens // MAX_MODEL_LEN_STEP * MAX_MODEL_LEN_STEP
+    if longest >= MAX_MODEL_LEN_STEP:
+        fixes.append(f"maxModelLen {longest} (the largest multiple of {MAX_MODEL_LEN_STEP} that fits)")
+    if KV_CACHE_DTYPE_BYTES[r.kv_cache_dtype] > 1:
+        fp8_per_token = _kv_bytes_per_token_per_gpu(r.model, r.tensor_parallel, r.pipeline_parallel, 1)
+        fixes.append(f"kvCacheDtype fp8 (room for {p.kv_cache_bytes_per_gpu // fp8_per_token} tokens)")
+    fixes.append("more GPUs per group (nodesPerGroup)")
+    reason = (
+        f"one {r.max_model_len}-token sequence needs {format_bytes(r.max_model_len * p.kv_bytes_per_token_per_gpu)} "
+        f"of KV cache per GPU, but only {format_bytes(p.kv_cache_bytes_per_gpu)} is left after the weights "
+        f"(room for {p.kv_cache_tokens} tokens); use {_or_join(fixes)}"
+    )
+    return PlanProblem("maxModelLen", r.max_model_len, reason)
+
+
+# --- helpers --------------------------------------------------------------------------------------------------------
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _or_join(items: Sequence[object]) -> str:
+    words = [str(item) for item in items]
+    if len(words) <= 1:
+        return "".join(words)
+    return f"{', '.join(words[:-1])} or {words[-1]}"
