@@ -1,13 +1,15 @@
 """Instance-type and model catalogs used by the settings and the capacity planner.
 
-Every number comes from /work/shared/reference/aws-efa-qwen-facts.md unless a comment says otherwise:
-- GPU instance rows: §A1 (Karpenter's generated instance-type reference, built from EC2 DescribeInstanceTypes;
-  GPU memory is the EC2 GpuInfo value in MiB) and §A2 (one EFA interface per network card).
+Every number comes from /work/shared/reference/aws-efa-qwen-facts.md unless a comment says
+otherwise:
+- GPU instance rows: §A1 (Karpenter's generated instance-type reference, built from EC2
+  DescribeInstanceTypes; GPU memory is the EC2 GpuInfo value in MiB) and §A2 (one EFA interface
+  per network card).
 - PTP hardware clock (PHC) families and regions: §B.
-- Qwen3-VL architecture values and parameter counts: §C8; FP8 checkpoints exist for every size (§C8).
+- Qwen3-VL architecture values and parameter counts: §C8; FP8 checkpoints exist for every size.
 
-At deploy time the truth is `aws ec2 describe-instance-types`; this table exists so that plans and launch templates
-can be checked offline, before anything is created.
+At deploy time the truth is `aws ec2 describe-instance-types`; this table exists so that plans and
+launch templates can be checked offline, before anything is created.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ GIB = 1 << 30
 # §B: "families M7a, M7g, M7i, R7a, R7g, R7i, I8g, I8ge"; no GPU family is listed.
 PHC_FAMILIES: frozenset[str] = frozenset({"m7a", "m7g", "m7i", "r7a", "r7g", "r7i", "i8g", "i8ge"})
 
-# §B: "Regions us-east-1, us-east-2, Malaysia, Thailand, Tokyo, Stockholm" (the New York City Local Zone belongs to
-# us-east-1).
+# §B: "Regions us-east-1, us-east-2, Malaysia, Thailand, Tokyo, Stockholm" (the New York City
+# Local Zone belongs to us-east-1).
 PHC_REGIONS: frozenset[str] = frozenset(
     {
         "us-east-1",
@@ -62,34 +64,8 @@ class InstanceType:
         return self.gpu_memory_mib * MIB
 
 
-def _family(name: str) -> str:
-    return name.split(".", 1)[0]
-
-
-def _row(
-    name: str,
-    gpus: int,
-    gpu_model: str,
-    gpu_memory_mib: int,
-    vcpus: int,
-    memory_gib: int,
-    network_gbps: int,
-    efa_interfaces: int,
-    network_cards: int,
-) -> InstanceType:
-    """One catalog row, positional in the order of the §A1 table columns; PHC is derived from the family (§B)."""
-    return InstanceType(
-        name=name,
-        gpus=gpus,
-        gpu_model=gpu_model,
-        gpu_memory_mib=gpu_memory_mib,
-        vcpus=vcpus,
-        memory_gib=memory_gib,
-        network_gbps=network_gbps,
-        efa_interfaces=efa_interfaces,
-        network_cards=network_cards,
-        phc=_family(name) in PHC_FAMILIES,
-    )
+def _has_phc_family(name: str) -> bool:
+    return name.split(".", 1)[0] in PHC_FAMILIES
 
 
 # §A1 main table: (GPUs, GPU model, MiB/GPU, vCPU, RAM GiB, Gbps, max EFA, network cards).
@@ -106,7 +82,11 @@ _P_TYPES: dict[str, tuple[int, str, int, int, int, int, int, int]] = {
 }
 
 # g5 / g6 / g6e: one GPU model per family (§A1: A10G and L4 22888 MiB, L40S 45776 MiB).
-_G_GPU: dict[str, tuple[str, int]] = {"g5": ("A10G", 22888), "g6": ("L4", 22888), "g6e": ("L40S", 45776)}
+_G_GPU: dict[str, tuple[str, int]] = {
+    "g5": ("A10G", 22888),
+    "g6": ("L4", 22888),
+    "g6e": ("L40S", 45776),
+}
 
 # GPUs per size (brief; matches the GPU counts §A1 gives for the EFA sizes).
 _G_GPUS: dict[str, int] = {
@@ -114,8 +94,8 @@ _G_GPUS: dict[str, int] = {
     "12xlarge": 4, "16xlarge": 1, "24xlarge": 4, "48xlarge": 8,
 }  # fmt: skip
 
-# (vCPU, RAM GiB) per size; AWS published sizes, the 48xlarge rows match §A1 (192/768 and 192/1536), as does
-# g6e.24xlarge (96/768).
+# (vCPU, RAM GiB) per size: AWS published sizes; the 48xlarge rows match §A1 (192/768 and
+# 192/1536), as does g6e.24xlarge (96/768).
 _G_CPU_RAM: dict[str, dict[str, tuple[int, int]]] = {
     "g5": {
         "xlarge": (4, 16), "2xlarge": (8, 32), "4xlarge": (16, 64), "8xlarge": (32, 128),
@@ -127,13 +107,15 @@ _G_CPU_RAM: dict[str, dict[str, tuple[int, int]]] = {
     },
     "g6e": {
         "xlarge": (4, 32), "2xlarge": (8, 64), "4xlarge": (16, 128), "8xlarge": (32, 256),
-        "12xlarge": (48, 384), "16xlarge": (64, 512), "24xlarge": (96, 768), "48xlarge": (192, 1536),
+        "12xlarge": (48, 384), "16xlarge": (64, 512), "24xlarge": (96, 768),
+        "48xlarge": (192, 1536),
     },
 }  # fmt: skip
 
-# (Gbps, max EFA, network cards) per size. 8xlarge..48xlarge: §A1 "Which g5 / g6 / g6e sizes have EFA" table (one EFA
-# and one card unless stated: g6e.24xlarge 2/2, g6e.48xlarge 4/4). xlarge..4xlarge have no EFA (§A1); their Gbps are
-# AWS's published "up to" burst figures (not in the facts file) and no rule uses them.
+# (Gbps, max EFA, network cards) per size. 8xlarge..48xlarge: §A1 "Which g5 / g6 / g6e sizes have
+# EFA" table (one EFA and one card unless stated: g6e.24xlarge 2/2, g6e.48xlarge 4/4).
+# xlarge..4xlarge have no EFA (§A1); their Gbps are AWS's published "up to" burst figures (not in
+# the facts file), and no rule uses them.
 _G_NETWORK: dict[str, dict[str, tuple[int, int, int]]] = {
     "g5": {
         "xlarge": (10, 0, 1), "2xlarge": (10, 0, 1), "4xlarge": (25, 0, 1),
@@ -152,8 +134,9 @@ _G_NETWORK: dict[str, dict[str, tuple[int, int, int]]] = {
     },
 }  # fmt: skip
 
-# CPU types for the system node group: AWS published sizes (m: 4 GiB per vCPU, c: 2, r: 8; not in the facts file).
-# (vCPU, RAM GiB, Gbps). AWS lists every one of them as "up to 12.5 Gbps"; the int field holds 12 and no rule uses it.
+# CPU types for the system node group: (vCPU, RAM GiB, Gbps), AWS published sizes (m: 4 GiB per
+# vCPU, c: 2, r: 8; not in the facts file). AWS lists each as "up to 12.5 Gbps"; the int field
+# holds 12, and no rule uses it.
 _CPU_TYPES: dict[str, tuple[int, int, int]] = {
     "m7i.large": (2, 8, 12),
     "m7i.xlarge": (4, 16, 12),
@@ -168,18 +151,56 @@ _CPU_TYPES: dict[str, tuple[int, int, int]] = {
 
 
 def _build_instance_types() -> dict[str, InstanceType]:
-    types: dict[str, InstanceType] = {}
-    for name, (gpus, model, mib, vcpus, ram, gbps, efa, cards) in _P_TYPES.items():
-        types[name] = _row(name, gpus, model, mib, vcpus, ram, gbps, efa, cards)
+    types: list[InstanceType] = [
+        InstanceType(
+            name=name,
+            gpus=gpus,
+            gpu_model=model,
+            gpu_memory_mib=mib,
+            vcpus=vcpus,
+            memory_gib=ram,
+            network_gbps=gbps,
+            efa_interfaces=efa,
+            network_cards=cards,
+            phc=_has_phc_family(name),
+        )
+        for name, (gpus, model, mib, vcpus, ram, gbps, efa, cards) in _P_TYPES.items()
+    ]
     for family, (model, mib) in _G_GPU.items():
         for size, gpus in _G_GPUS.items():
             name = f"{family}.{size}"
             vcpus, ram = _G_CPU_RAM[family][size]
             gbps, efa, cards = _G_NETWORK[family][size]
-            types[name] = _row(name, gpus, model, mib, vcpus, ram, gbps, efa, cards)
-    for name, (vcpus, ram, gbps) in _CPU_TYPES.items():
-        types[name] = _row(name, 0, "", 0, vcpus, ram, gbps, 0, 1)
-    return types
+            types.append(
+                InstanceType(
+                    name=name,
+                    gpus=gpus,
+                    gpu_model=model,
+                    gpu_memory_mib=mib,
+                    vcpus=vcpus,
+                    memory_gib=ram,
+                    network_gbps=gbps,
+                    efa_interfaces=efa,
+                    network_cards=cards,
+                    phc=_has_phc_family(name),
+                )
+            )
+    types.extend(
+        InstanceType(
+            name=name,
+            gpus=0,
+            gpu_model="",
+            gpu_memory_mib=0,
+            vcpus=vcpus,
+            memory_gib=ram,
+            network_gbps=gbps,
+            efa_interfaces=0,
+            network_cards=1,
+            phc=_has_phc_family(name),
+        )
+        for name, (vcpus, ram, gbps) in _CPU_TYPES.items()
+    )
+    return {row.name: row for row in types}
 
 
 INSTANCE_TYPES: Mapping[str, InstanceType] = MappingProxyType(_build_instance_types())
@@ -190,7 +211,7 @@ def instance_type(name: str) -> InstanceType | None:
 
 
 def supports_phc(instance: InstanceType, region: str) -> bool:
-    """PHC needs both a capable family and one of the regions §B lists; anything else uses the NTP endpoint."""
+    """PHC needs a capable family and one of the §B regions; anything else uses the NTP endpoint."""
     return instance.phc and region in PHC_REGIONS
 
 
@@ -198,10 +219,10 @@ def supports_phc(instance: InstanceType, region: str) -> bool:
 class ModelSpec:
     """A Qwen3-VL checkpoint: the architecture values that size weights and KV cache (facts §C8).
 
-    Weight bytes are an approximation: bf16 checkpoints hold 2 bytes per parameter; the FP8 checkpoints are counted as
-    1 byte per language-model parameter plus 2 bytes per vision parameter (the vision tower stays bf16). Block scales
-    and any bf16-kept layers of the FP8 checkpoints (embeddings, lm_head, norms) are ignored, so FP8 figures are
-    slightly low.
+    Weight bytes are an approximation: bf16 checkpoints hold 2 bytes per parameter; the FP8
+    checkpoints are counted as 1 byte per language-model parameter plus 2 bytes per vision parameter
+    (the vision tower stays bf16). Block scales and any layers the FP8 checkpoints keep in bf16
+    (embeddings, lm_head, norms) are ignored, so FP8 figures are slightly low.
     """
 
     id: str
@@ -240,44 +261,105 @@ _HEAD_DIM = 128  # §C8: every size
 _MAX_CONTEXT = 262144  # §C8: max_position_embeddings
 
 
-def _dense(model_id: str, *, layers: int, hidden: int, heads: int, kv: int, text: int, vision: int) -> ModelSpec:
-    return ModelSpec(
-        id=model_id, layers=layers, hidden_size=hidden, attention_heads=heads, kv_heads=kv, head_dim=_HEAD_DIM,
-        text_params=text, vision_params=vision, moe=False, experts=0, moe_intermediate_size=0,
-        max_context=_MAX_CONTEXT, fp8=False,
-    )  # fmt: skip
-
-
-def _moe(
-    model_id: str, *, layers: int, hidden: int, heads: int, kv: int, text: int, vision: int, experts: int, moe_inter: int
-) -> ModelSpec:
-    return ModelSpec(
-        id=model_id, layers=layers, hidden_size=hidden, attention_heads=heads, kv_heads=kv, head_dim=_HEAD_DIM,
-        text_params=text, vision_params=vision, moe=True, experts=experts, moe_intermediate_size=moe_inter,
-        max_context=_MAX_CONTEXT, fp8=False,
-    )  # fmt: skip
-
-
-# §C8 config table (layers, hidden, heads, KV heads, MoE experts / moe_intermediate) and "Parameter counts" table
-# (text, vision).
+# §C8 config table (layers, hidden, heads, KV heads, experts, moe_intermediate_size) and its
+# "Parameter counts" table (text, vision). head_dim 128 and max_position_embeddings 262144 hold for
+# every size (§C8).
 _BF16_MODELS: tuple[ModelSpec, ...] = (
-    _dense("Qwen/Qwen3-VL-2B-Instruct", layers=28, hidden=2048, heads=16, kv=8,
-           text=1_721_000_000, vision=407_000_000),
-    _dense("Qwen/Qwen3-VL-4B-Instruct", layers=36, hidden=2560, heads=32, kv=8,
-           text=4_022_000_000, vision=415_000_000),
-    _dense("Qwen/Qwen3-VL-8B-Instruct", layers=36, hidden=4096, heads=32, kv=8,
-           text=8_191_000_000, vision=576_000_000),
-    _dense("Qwen/Qwen3-VL-32B-Instruct", layers=64, hidden=5120, heads=64, kv=8,
-           text=32_760_000_000, vision=595_000_000),
-    _moe("Qwen/Qwen3-VL-30B-A3B-Instruct", layers=48, hidden=2048, heads=32, kv=4,
-         text=30_530_000_000, vision=539_000_000, experts=128, moe_inter=768),
-    _moe("Qwen/Qwen3-VL-235B-A22B-Instruct", layers=94, hidden=4096, heads=64, kv=4,
-         text=235_090_000_000, vision=576_000_000, experts=128, moe_inter=1536),
-)  # fmt: skip
+    ModelSpec(
+        id="Qwen/Qwen3-VL-2B-Instruct",
+        layers=28,
+        hidden_size=2048,
+        attention_heads=16,
+        kv_heads=8,
+        head_dim=_HEAD_DIM,
+        text_params=1_721_000_000,
+        vision_params=407_000_000,
+        moe=False,
+        experts=0,
+        moe_intermediate_size=0,
+        max_context=_MAX_CONTEXT,
+        fp8=False,
+    ),
+    ModelSpec(
+        id="Qwen/Qwen3-VL-4B-Instruct",
+        layers=36,
+        hidden_size=2560,
+        attention_heads=32,
+        kv_heads=8,
+        head_dim=_HEAD_DIM,
+        text_params=4_022_000_000,
+        vision_params=415_000_000,
+        moe=False,
+        experts=0,
+        moe_intermediate_size=0,
+        max_context=_MAX_CONTEXT,
+        fp8=False,
+    ),
+    ModelSpec(
+        id="Qwen/Qwen3-VL-8B-Instruct",
+        layers=36,
+        hidden_size=4096,
+        attention_heads=32,
+        kv_heads=8,
+        head_dim=_HEAD_DIM,
+        text_params=8_191_000_000,
+        vision_params=576_000_000,
+        moe=False,
+        experts=0,
+        moe_intermediate_size=0,
+        max_context=_MAX_CONTEXT,
+        fp8=False,
+    ),
+    ModelSpec(
+        id="Qwen/Qwen3-VL-32B-Instruct",
+        layers=64,
+        hidden_size=5120,
+        attention_heads=64,
+        kv_heads=8,
+        head_dim=_HEAD_DIM,
+        text_params=32_760_000_000,
+        vision_params=595_000_000,
+        moe=False,
+        experts=0,
+        moe_intermediate_size=0,
+        max_context=_MAX_CONTEXT,
+        fp8=False,
+    ),
+    ModelSpec(
+        id="Qwen/Qwen3-VL-30B-A3B-Instruct",
+        layers=48,
+        hidden_size=2048,
+        attention_heads=32,
+        kv_heads=4,
+        head_dim=_HEAD_DIM,
+        text_params=30_530_000_000,
+        vision_params=539_000_000,
+        moe=True,
+        experts=128,
+        moe_intermediate_size=768,
+        max_context=_MAX_CONTEXT,
+        fp8=False,
+    ),
+    ModelSpec(
+        id="Qwen/Qwen3-VL-235B-A22B-Instruct",
+        layers=94,
+        hidden_size=4096,
+        attention_heads=64,
+        kv_heads=4,
+        head_dim=_HEAD_DIM,
+        text_params=235_090_000_000,
+        vision_params=576_000_000,
+        moe=True,
+        experts=128,
+        moe_intermediate_size=1536,
+        max_context=_MAX_CONTEXT,
+        fp8=False,
+    ),
+)
 
 
 def _with_fp8(models: tuple[ModelSpec, ...]) -> dict[str, ModelSpec]:
-    """Each bf16 checkpoint plus its `-FP8` sibling (§C8: FP8 checkpoints exist for every size; same architecture)."""
+    """Each bf16 checkpoint plus its `-FP8` sibling (§C8: one for every size, same architecture)."""
     result: dict[str, ModelSpec] = {}
     for spec in models:
         fp8 = dataclasses.replace(spec, id=spec.id + FP8_SUFFIX, fp8=True)

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from stacks.platform import build_platform
 from stacks.schema import Settings
+from stacks.secrets import build_secrets
 
 
 def compose(settings: Settings) -> dict[str, Any]:
     """Build every component of the stack; return the stack outputs by name."""
     outputs: dict[str, Any] = {"stack": settings.stack, "environment": settings.environment}
+    secrets = build_secrets(settings)
+    platform = build_platform(settings)
     # STAGE platform (issue 3): network, EKS, node groups, add-ons -> Kubernetes provider
     # STAGE engines (issue 4): vLLM LeaderWorkerSets, leader Services, engine Secret
     # STAGE data (issue 7): Redis

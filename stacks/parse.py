@@ -20,16 +20,19 @@ from typing import Any, Literal, Union
 from stacks.schema import Secret, default_of
 
 
+NO_VALUE: Any = type("NoValue", (), {"__repr__": lambda _: "<no value>"})()
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with a stack's config, with the fix."""
 
     path: str
     reason: str
-    value: Any = dataclasses.field(default=dataclasses.MISSING)
+    value: Any = NO_VALUE  # absent for missing keys and whole-list problems
 
     def __str__(self) -> str:
-        if self.value is dataclasses.MISSING:
+        if self.value is NO_VALUE:
             return f"{self.path}: {self.reason}"
         return f"{self.path}={show(self.value)}: {self.reason}"
 
@@ -46,14 +49,20 @@ class SettingsError(ValueError):
 
 
 def show(value: Any) -> str:
-    """A value as it appears in messages; secrets are never shown."""
+    """A value as it appears in messages, in YAML spelling; secrets are never shown."""
     if isinstance(value, Secret):
         return str(value)
     if isinstance(value, str):
         return value if value and " " not in value else repr(value)
-    if isinstance(value, Mapping | list | tuple):
-        return "{...}" if isinstance(value, Mapping) else "[...]"
-    return repr(value) if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    if isinstance(value, Mapping):
+        return "{...}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(show(v) for v in value) + "]"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
 
 def camel(name: str) -> str:
@@ -147,16 +156,16 @@ class _Walk:
         kwargs: dict[str, Any] = dict(preset or {})
         fields = [f for f in schema_fields(cls) if f[1].name not in kwargs]
         known = {key for key, _, _ in fields}
-        for key in raw:
-            if key not in known:
-                self.fail(_join(path, str(key)), raw[key], _unknown_key(str(key), known))
+        unknown = [k for k in raw if k not in known]
+        for key in unknown:
+            self.fail(_join(path, str(key)), raw[key], _unknown_key(str(key), known))
         for key, f, tp in fields:
             if key in raw:
                 kwargs[f.name] = self.value(tp, raw[key], _join(path, key))
             elif default_of(f) is dataclasses.MISSING:
-                kwargs[f.name] = self.fail(_join(path, key), dataclasses.MISSING,
+                kwargs[f.name] = self.fail(_join(path, key), NO_VALUE,
                                            f"required: {f.metadata['doc']}")
-        if _INVALID in kwargs.values():
+        if unknown or _INVALID in kwargs.values():
             return _INVALID
         return cls(**kwargs)
 

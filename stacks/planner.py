@@ -1,17 +1,19 @@
-"""Capacity planner: does a Qwen3-VL deployment fit its node group, and how much KV cache does it leave?
+"""Capacity planner: does a Qwen3-VL deployment fit its node group, and how much KV cache is left?
 
-The arithmetic follows facts §C10 and the vLLM contract (§2.1: TP may span nodes; §5: flag names and defaults):
+The arithmetic follows facts §C10 and the vLLM contract (§2.1: TP may span nodes; §5: flags):
 
-- weights per GPU = text bytes / (TP × PP) + vision bytes / TP (each share rounded up) ("weights" encoder mode) or the full vision bytes
-  ("data" mode replicates the encoder on every GPU). The vision tower lives on the first pipeline stage only; the
-  planner charges it to that stage, the fullest one, and reports that stage's numbers.
-- KV bytes per token per GPU = 2 × ceil(layers / PP) × max(1, kv_heads // TP) × head_dim × dtype bytes; vLLM keeps at
-  least one KV head per GPU, so TP beyond the KV-head count replicates heads (facts §C10).
-- KV cache per GPU = floor(GPU memory × gpu_memory_utilization) − weights − ACTIVATION_RESERVE_BYTES.
+- weights per GPU = text bytes / (TP x PP) + vision bytes / TP in "weights" encoder mode, or the
+  full vision bytes in "data" mode (the encoder is replicated on every GPU); shares round up.
+  The vision tower lives on the first pipeline stage only; the planner charges it to that stage,
+  the fullest one, and reports that stage's numbers.
+- KV bytes per token per GPU = 2 x ceil(layers / PP) x max(1, kv_heads // TP) x head_dim x dtype
+  bytes; vLLM keeps at least one KV head per GPU, so TP beyond the KV-head count replicates heads.
+- KV cache per GPU = floor(GPU memory x gpu_memory_utilization) - weights
+  - ACTIVATION_RESERVE_BYTES.
 
-A deployment runs one pod per node using all of the node's GPUs, so TP × PP must equal GPUs per node × nodes.
-Every problem names the settings field (camelCase, as users write it) and a concrete fix. The result is an estimate
-for planning; vLLM measures the real KV budget at startup.
+A deployment runs one pod per node on all of the node's GPUs, so TP x PP must equal GPUs per node
+x nodes. Every problem names the settings field (camelCase, as users write it) and a concrete fix.
+The result is an estimate for planning; vLLM measures the real KV budget at startup.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ PlanField = Literal[
 ]
 
 KV_CACHE_DTYPE_BYTES: Mapping[str, int] = MappingProxyType(
-    # "auto" = the model dtype: bf16 for every Qwen3-VL checkpoint, the FP8 ones included (they quantize weights only).
+    # "auto" = the model dtype: bf16 for every Qwen3-VL checkpoint, the FP8 ones included (those
+    # quantize weights only).
     {"auto": 2, "bfloat16": 2, "float16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
 )
 MM_ENCODER_TP_MODES: tuple[str, ...] = get_args(MmEncoderTpMode)
@@ -48,19 +51,22 @@ MM_ENCODER_TP_MODES: tuple[str, ...] = get_args(MmEncoderTpMode)
 ACTIVATION_RESERVE_BYTES = 2 * GIB
 """Per-GPU memory held back from the KV cache besides the weights.
 
-vLLM's startup profiling run reserves the activation peak of a max-size batch, CUDA graph memory and the multimodal
-encoder's dummy batch (Qwen3-VL profiles with dummy videos, vllm-contract §7). The real figure is measured at startup
-and depends on flags; 2 GiB is a conservative fixed stand-in so plans fail early rather than at pod start.
+vLLM's startup profiling run reserves the activation peak of a max-size batch, CUDA graph memory
+and the multimodal encoder's dummy batch (Qwen3-VL profiles with dummy videos, vllm-contract §7).
+The real figure is measured at startup and depends on flags; 2 GiB is a conservative fixed
+stand-in so that plans fail here rather than at pod start.
 """
 
-# /dev/shm sizing. NCCL's shared-memory transport and the mp executor's shm broadcast queues (vllm-contract §2.1)
-# live in /dev/shm; Docker's default 64 MiB breaks TP > 1. A lone single-GPU pod needs little (1 GiB); anything with
-# peers gets 2 GiB per local GPU, 16 GiB for 8 GPUs, in line with the 15-20 GiB the anchors use (anchors.md §3).
+# /dev/shm sizing. NCCL's shared-memory transport and the mp executor's shm broadcast queues
+# (vllm-contract §2.1) live in /dev/shm; Docker's default 64 MiB breaks TP > 1. A lone single-GPU
+# pod needs little (1 GiB); a pod with peers gets 2 GiB per local GPU, 16 GiB for 8 GPUs, in line
+# with the 15-20 GiB the anchors use for TP > 1 (anchors.md §3).
 SHM_SINGLE_GPU_BYTES = 1 * GIB
 SHM_PER_GPU_BYTES = 2 * GIB
 
 FP8_BLOCK_N = 128
-"""FP8 checkpoints quantize weights in 128-wide blocks; a TP shard of an expert must hold whole blocks (facts §C9)."""
+"""FP8 checkpoints quantize weights in 128-wide blocks; a TP shard of an expert must hold whole
+blocks (facts §C9: "FP8 block_n=128 + moe_intermediate_size=1536 -> TP must divide 12")."""
 
 MAX_MODEL_LEN_STEP = 1024
 
@@ -100,7 +106,7 @@ class PlanProblem:
 
 
 def plan(request: PlanRequest) -> tuple[Plan | None, tuple[PlanProblem, ...]]:
-    """Check a request and size it. All problems are collected; the plan is None when there is any."""
+    """Check a request and size it. Every problem is reported; the plan is None if there is any."""
     problems: list[PlanProblem] = []
     layout_ok = _check_layout(request, problems)
     _check_heads(request, problems)
@@ -141,7 +147,10 @@ def plan_table(rows: Sequence[tuple[str, Plan, PlanRequest]]) -> str:
     """Plain-text table, one line per deployment, columns padded to their widest cell."""
     cells = [_TABLE_HEADER, *(_table_row(name, p, r) for name, p, r in rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(_TABLE_HEADER))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    ]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines) + "\n"
 
@@ -161,7 +170,7 @@ def _table_row(name: str, p: Plan, r: PlanRequest) -> tuple[str, ...]:
     )
 
 
-# --- sizing ---------------------------------------------------------------------------------------------------------
+# --- sizing ---------------------------------------------------------------------------------------
 
 
 def _size(r: PlanRequest) -> Plan:
@@ -185,17 +194,24 @@ def _size(r: PlanRequest) -> Plan:
 
 def _weight_bytes_per_gpu(model: ModelSpec, tp: int, pp: int, mm_encoder_tp_mode: str) -> int:
     text = _ceil_div(model.text_weight_bytes, tp * pp)
-    vision = model.vision_weight_bytes if mm_encoder_tp_mode == "data" else _ceil_div(model.vision_weight_bytes, tp)
+    vision = (
+        model.vision_weight_bytes
+        if mm_encoder_tp_mode == "data"
+        else _ceil_div(model.vision_weight_bytes, tp)
+    )
     return text + vision
 
 
 def _kv_bytes_per_token_per_gpu(model: ModelSpec, tp: int, pp: int, dtype_bytes: int) -> int:
-    return 2 * _ceil_div(model.layers, pp) * max(1, model.kv_heads // tp) * model.head_dim * dtype_bytes
+    heads = max(1, model.kv_heads // tp)
+    return 2 * _ceil_div(model.layers, pp) * heads * model.head_dim * dtype_bytes
 
 
 def _usable_bytes_per_gpu(r: PlanRequest) -> int:
-    # Fraction(str(...)) takes the utilization as written (0.9 is exactly 9/10), so floor() is not off by one byte.
-    budget = math.floor(r.instance.gpu_memory_bytes * Fraction(str(r.gpu_memory_utilization)))
+    # Fraction(str(...)) takes the utilization as written (0.9 is exactly 9/10), so the floor is
+    # not a byte off from the hand-computed figure.
+    share = Fraction(str(r.gpu_memory_utilization))
+    budget = math.floor(r.instance.gpu_memory_bytes * share)
     return budget - ACTIVATION_RESERVE_BYTES
 
 
@@ -205,14 +221,17 @@ def _min_shm_bytes(gpus_per_node: int, nodes: int) -> int:
     return SHM_PER_GPU_BYTES * gpus_per_node
 
 
-# --- checks that need no sizing -------------------------------------------------------------------------------------
+# --- checks that need no sizing -------------------------------------------------------------------
 
 
 def _check_layout(r: PlanRequest, problems: list[PlanProblem]) -> bool:
     """Node group, TP, PP and group size; True when the GPU layout is usable for sizing."""
     ok = True
     if r.instance.gpus == 0:
-        reason = f"{r.instance.name} has no GPUs; use a GPU instance type such as g6e.xlarge, g6e.48xlarge or p5.48xlarge"
+        reason = (
+            f"{r.instance.name} has no GPUs; use a GPU instance type such as g6e.xlarge, "
+            "g6e.48xlarge or p5.48xlarge"
+        )
         problems.append(PlanProblem("nodeGroup", r.instance.name, reason))
         ok = False
     counts: tuple[tuple[PlanField, int], ...] = (
@@ -227,12 +246,17 @@ def _check_layout(r: PlanRequest, problems: list[PlanProblem]) -> bool:
     if not ok:
         return False
     if r.pipeline_parallel > r.model.layers:
-        reason = f"must not exceed the {r.model.layers} layers of {r.model.id} (each pipeline stage holds whole layers)"
+        reason = (
+            f"must not exceed the {r.model.layers} layers of {r.model.id} "
+            "(each pipeline stage holds whole layers)"
+        )
         problems.append(PlanProblem("pipelineParallel", r.pipeline_parallel, reason))
         ok = False
     gpus, tp = r.instance.gpus, r.tensor_parallel
     if gpus % tp and tp % gpus:
-        reason = f"must divide the {gpus} GPUs of {r.instance.name} (try {_or_join(_divisors(gpus))})"
+        reason = (
+            f"must divide the {gpus} GPUs of {r.instance.name} (try {_or_join(_divisors(gpus))})"
+        )
         problems.append(PlanProblem("tensorParallel", tp, reason))
         ok = False
     total = gpus * r.nodes_per_group
@@ -250,10 +274,11 @@ def _group_size_problem(r: PlanRequest, total: int) -> PlanProblem:
     if (tp * pp) % gpus == 0:
         fixes.append(f"nodesPerGroup {tp * pp // gpus}")
     if not fixes:
-        fixes.append(f"a tensorParallel × pipelineParallel of {total}")
+        fixes.append(f"a tensorParallel x pipelineParallel of {total}")
     reason = (
-        f"tensorParallel × pipelineParallel = {tp} × {pp} = {tp * pp} must equal the {total} GPUs of the group "
-        f"({r.nodes_per_group} × {r.instance.name} with {gpus} GPUs each); try {_or_join(fixes)}"
+        f"tensorParallel x pipelineParallel = {tp} x {pp} = {tp * pp} must equal the {total} GPUs "
+        f"of the group ({r.nodes_per_group} x {r.instance.name} with {gpus} GPUs each); "
+        f"try {_or_join(fixes)}"
     )
     return PlanProblem("pipelineParallel", pp, reason)
 
@@ -265,7 +290,8 @@ def _check_heads(r: PlanRequest, problems: list[PlanProblem]) -> None:
     head_divisors = _divisors(model.attention_heads)
     if model.attention_heads % tp:
         reason = (
-            f"must divide the {model.attention_heads} attention heads of {model.id} (try {_or_join(head_divisors)})"
+            f"must divide the {model.attention_heads} attention heads of {model.id} "
+            f"(try {_or_join(head_divisors)})"
         )
         problems.append(PlanProblem("tensorParallel", tp, reason))
     elif model.kv_heads % tp and tp % model.kv_heads:
@@ -292,9 +318,10 @@ def _check_experts(r: PlanRequest, problems: list[PlanProblem]) -> None:
     if blocks % tp:
         tps = [t for t in _divisors(blocks) if model.attention_heads % t == 0]
         reason = (
-            f"{model.id} stores each expert's {model.moe_intermediate_size}-wide MLP in FP8 blocks of {FP8_BLOCK_N}, "
-            f"so tensor parallelism can split experts only {blocks} ways and TP {tp} does not divide {blocks}; "
-            f"set expertParallel to true (the official TP8 recipe does) or use tensorParallel {_or_join(tps)}"
+            f"{model.id} stores each expert's {model.moe_intermediate_size}-wide MLP in FP8 blocks "
+            f"of {FP8_BLOCK_N}, so tensor parallelism can split experts only {blocks} ways and "
+            f"TP {tp} does not divide {blocks}; set expertParallel to true (the official TP8 "
+            f"recipe does) or use tensorParallel {_or_join(tps)}"
         )
         problems.append(PlanProblem("expertParallel", r.expert_parallel, reason))
 
@@ -303,11 +330,15 @@ def _check_settings(r: PlanRequest, problems: list[PlanProblem]) -> bool:
     ok = True
     util = r.gpu_memory_utilization
     if not 0 < util <= 1:
-        reason = "must be in (0, 1]: the fraction of each GPU's memory vLLM may use (vLLM's default is 0.92)"
+        reason = (
+            "must be in (0, 1]: the fraction of each GPU's memory vLLM may use "
+            "(vLLM's default is 0.92)"
+        )
         problems.append(PlanProblem("gpuMemoryUtilization", util, reason))
         ok = False
     if r.kv_cache_dtype not in KV_CACHE_DTYPE_BYTES:
-        reason = f"must be one of {_or_join(list(KV_CACHE_DTYPE_BYTES))}; fp8 halves the KV cache bytes per token"
+        choices = _or_join(list(KV_CACHE_DTYPE_BYTES))
+        reason = f"must be one of {choices}; fp8 halves the KV cache bytes per token"
         problems.append(PlanProblem("kvCacheDtype", r.kv_cache_dtype, reason))
         ok = False
     if r.mm_encoder_tp_mode not in MM_ENCODER_TP_MODES:
@@ -329,7 +360,7 @@ def _check_max_model_len(r: PlanRequest, problems: list[PlanProblem]) -> bool:
     return False
 
 
-# --- checks on the sized plan ---------------------------------------------------------------------------------------
+# --- checks on the sized plan ---------------------------------------------------------------------
 
 
 def _fit_problems(r: PlanRequest, p: Plan, *, check_length: bool) -> list[PlanProblem]:
@@ -350,13 +381,17 @@ def _weights_problem(r: PlanRequest, p: Plan) -> PlanProblem:
     fp8 = None if r.model.fp8 else model_spec(r.model.id + FP8_SUFFIX)
     if fp8 is not None:
         fp8_weights = _weight_bytes_per_gpu(fp8, tp, pp, r.mm_encoder_tp_mode)
-        fixes.append(f"the FP8 checkpoint {fp8.id} ({format_bytes(fp8_weights)} per GPU at this layout)")
+        fixes.append(
+            f"the FP8 checkpoint {fp8.id} ({format_bytes(fp8_weights)} per GPU at this layout)"
+        )
     fixes.append("an instance type with more or larger GPUs")
     reason = (
-        f"the weights need {format_bytes(p.weight_bytes_per_gpu)} per GPU at TP {tp} × PP {pp}, but only "
-        f"{format_bytes(_usable_bytes_per_gpu(r))} is usable ({r.instance.gpu_memory_mib} MiB × "
-        f"{r.gpu_memory_utilization} minus the {format_bytes(ACTIVATION_RESERVE_BYTES)} activation reserve): "
-        f"{format_bytes(-p.kv_cache_bytes_per_gpu)} missing and nothing left for KV cache; use {_or_join(fixes)}"
+        f"the weights need {format_bytes(p.weight_bytes_per_gpu)} per GPU at TP {tp} x PP {pp}, "
+        f"but only {format_bytes(_usable_bytes_per_gpu(r))} is usable "
+        f"({r.instance.gpu_memory_mib} MiB x {r.gpu_memory_utilization} minus the "
+        f"{format_bytes(ACTIVATION_RESERVE_BYTES)} activation reserve): "
+        f"{format_bytes(-p.kv_cache_bytes_per_gpu)} missing and nothing left for KV cache; "
+        f"use {_or_join(fixes)}"
     )
     return PlanProblem("nodesPerGroup", r.nodes_per_group, reason)
 
@@ -379,20 +414,27 @@ def _length_problem(r: PlanRequest, p: Plan) -> PlanProblem:
     fixes: list[str] = []
     longest = p.kv_cache_tokens // MAX_MODEL_LEN_STEP * MAX_MODEL_LEN_STEP
     if longest >= MAX_MODEL_LEN_STEP:
-        fixes.append(f"maxModelLen {longest} (the largest multiple of {MAX_MODEL_LEN_STEP} that fits)")
+        fixes.append(
+            f"maxModelLen {longest} (the largest multiple of {MAX_MODEL_LEN_STEP} that fits)"
+        )
     if KV_CACHE_DTYPE_BYTES[r.kv_cache_dtype] > 1:
-        fp8_per_token = _kv_bytes_per_token_per_gpu(r.model, r.tensor_parallel, r.pipeline_parallel, 1)
-        fixes.append(f"kvCacheDtype fp8 (room for {p.kv_cache_bytes_per_gpu // fp8_per_token} tokens)")
+        fp8_per_token = _kv_bytes_per_token_per_gpu(
+            r.model, r.tensor_parallel, r.pipeline_parallel, 1
+        )
+        fixes.append(
+            f"kvCacheDtype fp8 (room for {p.kv_cache_bytes_per_gpu // fp8_per_token} tokens)"
+        )
     fixes.append("more GPUs per group (nodesPerGroup)")
+    needed = r.max_model_len * p.kv_bytes_per_token_per_gpu
     reason = (
-        f"one {r.max_model_len}-token sequence needs {format_bytes(r.max_model_len * p.kv_bytes_per_token_per_gpu)} "
-        f"of KV cache per GPU, but only {format_bytes(p.kv_cache_bytes_per_gpu)} is left after the weights "
+        f"one {r.max_model_len}-token sequence needs {format_bytes(needed)} of KV cache per GPU, "
+        f"but only {format_bytes(p.kv_cache_bytes_per_gpu)} is left after the weights "
         f"(room for {p.kv_cache_tokens} tokens); use {_or_join(fixes)}"
     )
     return PlanProblem("maxModelLen", r.max_model_len, reason)
 
 
-# --- helpers --------------------------------------------------------------------------------------------------------
+# --- helpers --------------------------------------------------------------------------------------
 
 
 def _ceil_div(a: int, b: int) -> int:

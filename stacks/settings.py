@@ -92,7 +92,7 @@ def build(source: str, stack: str, values: Mapping[str, Any]) -> Settings:
     ]
     raw.update({field: values[foreign] for foreign, field in FOREIGN_KEYS.items() if foreign in values})
     settings, problems = parse(Settings, raw, {"stack": stack})
-    if settings is not None and not misplaced:
+    if settings is not None and not misplaced and not problems:
         problems = validate(settings)
     if problems or misplaced:
         raise SettingsError(source, misplaced + problems)

@@ -1,19 +1,31 @@
-"""Catalog rows checked against the facts file (/work/shared/reference/aws-efa-qwen-facts.md), numbers written out."""
+"""Catalog rows against the facts file (/work/shared/reference/aws-efa-qwen-facts.md).
+
+Every expected number is written out here, copied from the facts tables.
+"""
 
 from __future__ import annotations
 
 import pytest
 
-from stacks.catalog import INSTANCE_TYPES, MODELS, PHC_REGIONS, instance_type, model_spec, supports_phc
+from stacks.catalog import (
+    INSTANCE_TYPES,
+    MODELS,
+    PHC_REGIONS,
+    InstanceType,
+    ModelSpec,
+    instance_type,
+    model_spec,
+    supports_phc,
+)
 
 
-def _get(name: str):
+def _get(name: str) -> InstanceType:
     found = instance_type(name)
     assert found is not None, name
     return found
 
 
-# --- instance types (facts §A1, §A2, §B) ---------------------------------------------------------------------------
+# --- instance types (facts §A1, §A2, §B) ----------------------------------------------------------
 
 
 def test_p5_48xlarge_matches_facts_table() -> None:
@@ -22,7 +34,7 @@ def test_p5_48xlarge_matches_facts_table() -> None:
     assert (p5.vcpus, p5.memory_gib, p5.network_gbps) == (192, 2048, 3200)
     assert (p5.efa_interfaces, p5.network_cards) == (32, 32)
     assert p5.efa_supported
-    assert p5.gpu_memory_bytes == 85_899_345_920  # 81920 × 1,048,576
+    assert p5.gpu_memory_bytes == 85_899_345_920  # 81920 x 1,048,576
 
 
 @pytest.mark.parametrize(
@@ -70,21 +82,32 @@ def test_g6e_xlarge_has_no_efa() -> None:
 
 
 def test_g_sizes_gpu_counts_and_memory() -> None:
-    assert [_get(f"g5.{s}").gpus for s in ("xlarge", "8xlarge", "12xlarge", "16xlarge", "24xlarge", "48xlarge")] == [
-        1, 1, 4, 1, 4, 8,
-    ]  # fmt: skip
+    sizes = ("xlarge", "8xlarge", "12xlarge", "16xlarge", "24xlarge", "48xlarge")
+    assert [_get(f"g5.{size}").gpus for size in sizes] == [1, 1, 4, 1, 4, 8]
     assert (_get("g6.16xlarge").vcpus, _get("g6.16xlarge").memory_gib) == (64, 256)
     assert (_get("g6e.16xlarge").vcpus, _get("g6e.16xlarge").memory_gib) == (64, 512)
     assert (_get("g6e.48xlarge").vcpus, _get("g6e.48xlarge").memory_gib) == (192, 1536)
 
 
 def test_efa_capable_gpu_types_match_device_plugin_allow_list() -> None:
-    # §A1 corroboration: the EFA device-plugin chart's allow-list (g sizes 8xlarge..48xlarge, p5/p5e/p5en/p6).
+    # §A1 corroboration: the EFA device-plugin chart's allow-list (g sizes 8xlarge..48xlarge,
+    # p5/p5e/p5en/p6).
     # p4d/p4de are EFA-capable (table) but absent from that list, so they are added by hand.
-    allow_list = {f"{fam}.{size}" for fam in ("g5", "g6", "g6e") for size in ("8xlarge", "12xlarge", "16xlarge",
-                                                                                 "24xlarge", "48xlarge")}
-    allow_list |= {"p5.4xlarge", "p5.48xlarge", "p5e.48xlarge", "p5en.48xlarge", "p6-b200.48xlarge",
-                   "p6-b300.48xlarge", "p4d.24xlarge", "p4de.24xlarge"}  # fmt: skip
+    allow_list = {
+        f"{fam}.{size}"
+        for fam in ("g5", "g6", "g6e")
+        for size in ("8xlarge", "12xlarge", "16xlarge", "24xlarge", "48xlarge")
+    }
+    allow_list |= {
+        "p5.4xlarge",
+        "p5.48xlarge",
+        "p5e.48xlarge",
+        "p5en.48xlarge",
+        "p6-b200.48xlarge",
+        "p6-b300.48xlarge",
+        "p4d.24xlarge",
+        "p4de.24xlarge",
+    }
     assert {name for name, row in INSTANCE_TYPES.items() if row.efa_supported} == allow_list
 
 
@@ -97,25 +120,46 @@ def test_gpu_type_names() -> None:
 def test_cpu_types() -> None:
     cpu = {name: row for name, row in INSTANCE_TYPES.items() if row.gpus == 0}
     assert set(cpu) == {
-        "m7i.large", "m7i.xlarge", "m7i.2xlarge", "m7i.4xlarge", "m6i.xlarge", "m6i.2xlarge", "m6i.4xlarge",
-        "c7i.2xlarge", "r7i.2xlarge",
-    }  # fmt: skip
+        "m7i.large",
+        "m7i.xlarge",
+        "m7i.2xlarge",
+        "m7i.4xlarge",
+        "m6i.xlarge",
+        "m6i.2xlarge",
+        "m6i.4xlarge",
+        "c7i.2xlarge",
+        "r7i.2xlarge",
+    }
     assert (cpu["m7i.large"].vcpus, cpu["m7i.large"].memory_gib) == (2, 8)
     assert (cpu["c7i.2xlarge"].vcpus, cpu["c7i.2xlarge"].memory_gib) == (8, 16)
     assert (cpu["r7i.2xlarge"].vcpus, cpu["r7i.2xlarge"].memory_gib) == (8, 64)
-    assert all(row.efa_interfaces == 0 and row.gpu_model == "" and row.gpu_memory_mib == 0 for row in cpu.values())
+    assert all(
+        row.efa_interfaces == 0 and row.gpu_model == "" and row.gpu_memory_mib == 0
+        for row in cpu.values()
+    )
 
 
 def test_phc_by_family() -> None:
     # §B: M7a, M7g, M7i, R7a, R7g, R7i, I8g, I8ge; no GPU family.
     assert not any(row.phc for row in INSTANCE_TYPES.values() if row.gpus > 0)
     assert {name for name, row in INSTANCE_TYPES.items() if row.phc} == {
-        "m7i.large", "m7i.xlarge", "m7i.2xlarge", "m7i.4xlarge", "r7i.2xlarge",
-    }  # fmt: skip
+        "m7i.large",
+        "m7i.xlarge",
+        "m7i.2xlarge",
+        "m7i.4xlarge",
+        "r7i.2xlarge",
+    }
 
 
 def test_supports_phc_needs_family_and_region() -> None:
-    assert PHC_REGIONS == {"us-east-1", "us-east-2", "ap-northeast-1", "eu-north-1", "ap-southeast-5", "ap-southeast-7"}
+    assert {
+        "us-east-1",
+        "us-east-2",
+        "ap-northeast-1",
+        "eu-north-1",
+        "ap-southeast-5",
+        "ap-southeast-7",
+    } == PHC_REGIONS
     m7i = _get("m7i.xlarge")
     assert supports_phc(m7i, "us-east-1")
     assert supports_phc(m7i, "eu-north-1")
@@ -131,7 +175,7 @@ def test_unknown_instance_type_and_read_only_mapping() -> None:
         INSTANCE_TYPES["x"] = _get("p5.48xlarge")  # type: ignore[index]
 
 
-# --- models (facts §C8, §C10) --------------------------------------------------------------------------------------
+# --- models (facts §C8, §C10) ---------------------------------------------------------------------
 
 _BASES = (
     "Qwen/Qwen3-VL-2B-Instruct",
@@ -143,7 +187,7 @@ _BASES = (
 )
 
 
-def _model(model_id: str):
+def _model(model_id: str) -> ModelSpec:
     found = model_spec(model_id)
     assert found is not None, model_id
     return found
@@ -173,7 +217,7 @@ def test_params_match_facts_totals(model_id: str, total: float) -> None:
 
 @pytest.mark.parametrize(
     ("model_id", "bf16_bytes_per_token"),
-    # §C10 "bf16 B/token" column (= the 2·L·kv·hd column × 2 bytes).
+    # §C10 "bf16 B/token" column (= the 2·L·kv·hd column x 2 bytes).
     [
         ("Qwen/Qwen3-VL-2B-Instruct", 114688),
         ("Qwen/Qwen3-VL-4B-Instruct", 147456),
@@ -190,8 +234,19 @@ def test_kv_bytes_per_token_match_facts(model_id: str, bf16_bytes_per_token: int
 
 def test_architecture_spot_checks() -> None:
     big = _model("Qwen/Qwen3-VL-235B-A22B-Instruct")
-    assert (big.layers, big.hidden_size, big.attention_heads, big.kv_heads, big.head_dim) == (94, 4096, 64, 4, 128)
-    assert (big.moe, big.experts, big.moe_intermediate_size, big.max_context) == (True, 128, 1536, 262144)
+    assert (big.layers, big.hidden_size, big.attention_heads, big.kv_heads, big.head_dim) == (
+        94,
+        4096,
+        64,
+        4,
+        128,
+    )
+    assert (big.moe, big.experts, big.moe_intermediate_size, big.max_context) == (
+        True,
+        128,
+        1536,
+        262144,
+    )
     small = _model("Qwen/Qwen3-VL-30B-A3B-Instruct")
     assert (small.moe_intermediate_size, small.kv_heads) == (768, 4)
     dense = _model("Qwen/Qwen3-VL-32B-Instruct")
@@ -201,14 +256,20 @@ def test_architecture_spot_checks() -> None:
 def test_fp8_variant_shares_architecture() -> None:
     base, fp8 = _model("Qwen/Qwen3-VL-8B-Instruct"), _model("Qwen/Qwen3-VL-8B-Instruct-FP8")
     assert (base.fp8, fp8.fp8) == (False, True)
-    assert (fp8.layers, fp8.kv_heads, fp8.text_params, fp8.vision_params) == (36, 8, 8_191_000_000, 576_000_000)
+    assert (fp8.layers, fp8.kv_heads, fp8.text_params, fp8.vision_params) == (
+        36,
+        8,
+        8_191_000_000,
+        576_000_000,
+    )
 
 
 def test_weight_bytes() -> None:
-    # 2B bf16: 2.128e9 params × 2 = 4.256e9 bytes; the HF repo's model.safetensors is 4.26 GB (§C8).
+    # 2B bf16: 2.128e9 params x 2 = 4.256e9 bytes; the HF repo's model.safetensors is 4.26 GB (§C8).
     assert _model("Qwen/Qwen3-VL-2B-Instruct").weight_bytes == 4_256_000_000
     assert _model("Qwen/Qwen3-VL-2B-Instruct").weight_bytes == pytest.approx(4.26e9, rel=0.005)
-    # 2B FP8: 1,721,000,000 text × 1 + 407,000,000 vision × 2 = 2,535,000,000.
+    # 2B FP8: 1,721,000,000 text x 1 + 407,000,000 vision x 2 = 2,535,000,000.
     assert _model("Qwen/Qwen3-VL-2B-Instruct-FP8").weight_bytes == 2_535_000_000
-    # 235B FP8: 235,090,000,000 + 2 × 576,000,000 = 236,242,000,000 (recipe minimum 282 GB of VRAM, §C8).
+    # 235B FP8: 235,090,000,000 + 2 x 576,000,000 = 236,242,000,000 (the recipe's minimum is 282 GB
+    # of VRAM, §C8).
     assert _model("Qwen/Qwen3-VL-235B-A22B-Instruct-FP8").weight_bytes == 236_242_000_000
