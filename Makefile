@@ -56,32 +56,33 @@ $(VENV_STAMP): $(LOCK) Makefile
 	$(UV) pip sync --quiet --require-hashes --python $(PYTHON) $(LOCK)
 	@site="$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"; \
 	dirs=""; for p in $(COMPILE_PACKAGES); do \
-		[ -d "$$site/$$p" ] && dirs="$$dirs $$site/$$p"; \
+		if [ -d "$$site/$$p" ]; then dirs="$$dirs $$site/$$p"; fi; \
 	done; \
 	echo "byte-compiling $(COMPILE_PACKAGES)"; \
 	$(PYTHON) -m compileall -q -j 2 $$dirs
 	@touch $@
 
 debs:
-	@need="$$(grep -Ev '^[[:space:]]*(#|$$)' $(DEBS_FILE) | tr -s '[:space:]' ' ')"; \
+	@need="$$(grep -Ev '^[[:space:]]*(#|$$)' $(DEBS_FILE) || true)"; \
 	missing=""; for p in $$need; do \
-		dpkg-query -W -f='$${Status}\n' "$$p" 2>/dev/null | grep -qx 'install ok installed' \
-			|| missing="$$missing $$p"; \
+		status="$$(dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null || true)"; \
+		if [ "$$status" != "install ok installed" ]; then missing="$$missing $$p"; fi; \
 	done; \
 	if [ -z "$$missing" ]; then echo "==> debs: all present"; exit 0; fi; \
 	echo "==> debs: installing$$missing"; \
 	sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
-	policy=/usr/sbin/policy-rc.d; own_policy=""; \
+	policy=/usr/sbin/policy-rc.d; \
 	if [ ! -e $$policy ]; then \
 		printf '#!/bin/sh\n# installed by make debs: no daemon starts on install\nexit 101\n' \
 			| $$sudo tee $$policy >/dev/null; \
-		$$sudo chmod 755 $$policy; own_policy=1; \
+		$$sudo chmod 755 $$policy; \
 		trap '$$sudo rm -f $$policy' EXIT; \
 	fi; \
-	export DEBIAN_FRONTEND=noninteractive; \
-	$$sudo -E apt-get update -qq; \
-	$$sudo -E apt-get install -y -qq --no-install-recommends \
-		-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold $$missing
+	apt="$$sudo env DEBIAN_FRONTEND=noninteractive apt-get"; \
+	$$apt update -qq; \
+	$$apt install -y -qq --no-install-recommends \
+		-o Dpkg::Use-Pty=0 -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+		$$missing
 
 lint: $(VENV_STAMP)
 	@echo "==> lint"

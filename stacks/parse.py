@@ -19,7 +19,6 @@ from typing import Any, Literal, Union
 
 from stacks.schema import Secret, default_of
 
-
 NO_VALUE: Any = type("NoValue", (), {"__repr__": lambda _: "<no value>"})()
 
 
@@ -97,8 +96,12 @@ class _Walk:
     def value(self, tp: Any, raw: Any, path: str) -> Any:
         origin = typing.get_origin(tp)
         if isinstance(raw, Mapping) and set(raw) == {"secure"} and tp is not Secret:
-            return self.fail(path, "<secure>", "secrets are only accepted as top-level keys "
-                             "(e.g. hfToken); move it there with `pulumi config set --secret`")
+            return self.fail(
+                path,
+                "<secure>",
+                "secrets are only accepted as top-level keys "
+                "(e.g. hfToken); move it there with `pulumi config set --secret`",
+            )
         if origin in (Union, types.UnionType):
             return self._optional(tp, raw, path)
         if origin is Literal:
@@ -163,8 +166,9 @@ class _Walk:
             if key in raw:
                 kwargs[f.name] = self.value(tp, raw[key], _join(path, key))
             elif default_of(f) is dataclasses.MISSING:
-                kwargs[f.name] = self.fail(_join(path, key), NO_VALUE,
-                                           f"required: {f.metadata['doc']}")
+                kwargs[f.name] = self.fail(
+                    _join(path, key), NO_VALUE, f"required: {f.metadata['doc']}"
+                )
         if unknown or _INVALID in kwargs.values():
             return _INVALID
         return cls(**kwargs)

@@ -24,6 +24,9 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # (kubernetes-sigs/lws troubleshooting: 51 - int(replicas/10) characters).
 _LWS_NAME_BUDGET = 51
 
+# EKS needs control-plane subnets in two AZs.
+MIN_AZS = 2
+
 Rule = Callable[[Settings], Iterable[Problem]]
 
 
@@ -84,18 +87,29 @@ def network_rules(s: Settings) -> Iterator[Problem]:
             ipaddress.ip_network(n.cidr)
         except ValueError:
             yield Problem("network.cidr", "must be an IPv4 CIDR such as 10.0.0.0/16", n.cidr)
-        if len(set(n.availability_zones)) < 2:
-            yield Problem("network.availabilityZones",
-                          "a new VPC needs at least 2 distinct AZs (EKS requires two)", n.availability_zones)
-        yield from (Problem(f"network.availabilityZones[{i}]",
-                            f"must be a zone of {s.region} (e.g. {s.region}a)", az)
-                    for i, az in enumerate(n.availability_zones) if not az.startswith(s.region))
+        if len(set(n.availability_zones)) < MIN_AZS:
+            yield Problem(
+                "network.availabilityZones",
+                "a new VPC needs at least 2 distinct AZs (EKS requires two)",
+                n.availability_zones,
+            )
+        yield from (
+            Problem(
+                f"network.availabilityZones[{i}]",
+                f"must be a zone of {s.region} (e.g. {s.region}a)",
+                az,
+            )
+            for i, az in enumerate(n.availability_zones)
+            if not az.startswith(s.region)
+        )
     else:
         if not n.vpc_id:
             yield Problem("network.vpcId", "required when network.mode is existing")
-        if len(n.private_subnet_ids) < 2:
-            yield Problem("network.privateSubnetIds",
-                          "give at least 2 private subnets (AZ: subnet-id) in distinct AZs")
+        if len(n.private_subnet_ids) < MIN_AZS:
+            yield Problem(
+                "network.privateSubnetIds",
+                "give at least 2 private subnets (AZ: subnet-id) in distinct AZs",
+            )
 
 
 def zones(s: Settings) -> tuple[str, ...]:
@@ -112,10 +126,14 @@ def node_group_rules(s: Settings) -> Iterator[Problem]:
     sys_type = instance_type(s.system_nodes.instance_type)
     if sys_type is None or sys_type.gpus:
         cpu_types = sorted(n for n, t in INSTANCE_TYPES.items() if not t.gpus)
-        yield Problem(f"{sys_path}.instanceType", "must be a CPU type from the catalog: "
-                      + ", ".join(cpu_types), s.system_nodes.instance_type)
-    yield from _sizes(sys_path, s.system_nodes.min_size, s.system_nodes.desired_size,
-                      s.system_nodes.max_size)
+        yield Problem(
+            f"{sys_path}.instanceType",
+            "must be a CPU type from the catalog: " + ", ".join(cpu_types),
+            s.system_nodes.instance_type,
+        )
+    yield from _sizes(
+        sys_path, s.system_nodes.min_size, s.system_nodes.desired_size, s.system_nodes.max_size
+    )
     for i, g in enumerate(s.gpu_node_groups):
         yield from _gpu_group_rules(s, f"gpuNodeGroups[{i}]", g)
 
@@ -129,21 +147,36 @@ def _gpu_group_rules(s: Settings, path: str, g: GpuNodeGroupSettings) -> Iterato
     t = instance_type(g.instance_type)
     if t is None or not t.gpus:
         gpu_types = ", ".join(sorted(n for n, it in INSTANCE_TYPES.items() if it.gpus))
-        yield Problem(f"{path}.instanceType", f"unknown GPU instance type; known: {gpu_types}",
-                      g.instance_type)
+        yield Problem(
+            f"{path}.instanceType",
+            f"unknown GPU instance type; known: {gpu_types}",
+            g.instance_type,
+        )
     elif g.efa and not t.efa_supported:
         efa_types = sorted(n for n, it in INSTANCE_TYPES.items() if it.gpus and it.efa_supported)
-        yield Problem(f"{path}.efa", f"{g.instance_type} has no EFA; set efa: false or use an "
-                      f"EFA type ({', '.join(efa_types[:6])}, ...)", True)
+        yield Problem(
+            f"{path}.efa",
+            f"{g.instance_type} has no EFA; set efa: false or use an "
+            f"EFA type ({', '.join(efa_types[:6])}, ...)",
+            True,
+        )
     if g.efa and g.availability_zone is None:
-        yield Problem(f"{path}.availabilityZone", "required with efa: EFA needs one subnet in one "
-                      f"AZ and a cluster placement group (choose one of {', '.join(zones(s))})")
+        yield Problem(
+            f"{path}.availabilityZone",
+            "required with efa: EFA needs one subnet in one "
+            f"AZ and a cluster placement group (choose one of {', '.join(zones(s))})",
+        )
     if g.availability_zone is not None and g.availability_zone not in zones(s):
-        yield Problem(f"{path}.availabilityZone", "must be one of the network's AZs: "
-                      + ", ".join(zones(s)), g.availability_zone)
+        yield Problem(
+            f"{path}.availabilityZone",
+            "must be one of the network's AZs: " + ", ".join(zones(s)),
+            g.availability_zone,
+        )
     if g.capacity_type == "capacityBlock" and not g.capacity_reservation_id:
-        yield Problem(f"{path}.capacityReservationId",
-                      "required when capacityType is capacityBlock (the cr-... id of the block)")
+        yield Problem(
+            f"{path}.capacityReservationId",
+            "required when capacityType is capacityBlock (the cr-... id of the block)",
+        )
     yield from _positive(f"{path}.diskGib", g.disk_gib)
 
 
@@ -153,12 +186,16 @@ def deployment_rules(s: Settings) -> Iterator[Problem]:
         yield Problem("serving.deployments", "define at least one deployment")
         return
     yield from _unique("serving.deployments", [d.name for d in deps])
-    yield from _unique("serving.deployments (servedModelName)",
-                       [d.served_model_name or d.name for d in deps])
+    yield from _unique(
+        "serving.deployments (servedModelName)", [d.served_model_name or d.name for d in deps]
+    )
     default = s.serving.default_deployment
     if default is not None and default not in {d.name for d in deps}:
-        yield Problem("serving.defaultDeployment", "must name one of serving.deployments: "
-                      + ", ".join(d.name for d in deps), default)
+        yield Problem(
+            "serving.defaultDeployment",
+            "must name one of serving.deployments: " + ", ".join(d.name for d in deps),
+            default,
+        )
     for d in deps:
         yield from _deployment_rules(s, deployment_path(s, d), d)
 
@@ -166,23 +203,40 @@ def deployment_rules(s: Settings) -> Iterator[Problem]:
 def _deployment_rules(s: Settings, path: str, d: DeploymentSettings) -> Iterator[Problem]:
     budget = _LWS_NAME_BUDGET - d.autoscaling.max_replicas // 10
     if not _DNS_LABEL.match(d.name) or len(d.name) > budget:
-        yield Problem(f"{path}.name", f"must be a DNS label of at most {budget} characters "
-                      "(LeaderWorkerSet adds group/worker suffixes)", d.name)
+        yield Problem(
+            f"{path}.name",
+            f"must be a DNS label of at most {budget} characters "
+            "(LeaderWorkerSet adds group/worker suffixes)",
+            d.name,
+        )
     if d.name == "vllm":
-        yield Problem(f"{path}.name", "must not be 'vllm': a Service of that name injects "
-                      "VLLM_PORT=tcp://... into pods and vLLM refuses to start; rename it", d.name)
+        yield Problem(
+            f"{path}.name",
+            "must not be 'vllm': a Service of that name injects "
+            "VLLM_PORT=tcp://... into pods and vLLM refuses to start; rename it",
+            d.name,
+        )
     if model_spec(d.model) is None:
-        yield Problem(f"{path}.model", "unknown model; known: " + ", ".join(sorted(MODELS)), d.model)
+        yield Problem(
+            f"{path}.model", "unknown model; known: " + ", ".join(sorted(MODELS)), d.model
+        )
     groups = {g.name for g in s.gpu_node_groups}
     if d.node_group not in groups:
-        yield Problem(f"{path}.nodeGroup", "must name one of gpuNodeGroups: "
-                      + ", ".join(sorted(groups)), d.node_group)
+        yield Problem(
+            f"{path}.nodeGroup",
+            "must name one of gpuNodeGroups: " + ", ".join(sorted(groups)),
+            d.node_group,
+        )
     yield from _plan_problems(s, path, d)
     yield from _positive(f"{path}.replicas", d.replicas)
     yield from _positive(f"{path}.startupBudgetMinutes", d.startup_budget_minutes)
     if d.kv_offload_redis and not s.serving.image_includes_lmcache:
-        yield Problem(f"{path}.kvOffloadRedis", "needs a vLLM image that contains LMCache; set "
-                      "serving.imageIncludesLmcache: true once vllmImage has it", True)
+        yield Problem(
+            f"{path}.kvOffloadRedis",
+            "needs a vLLM image that contains LMCache; set "
+            "serving.imageIncludesLmcache: true once vllmImage has it",
+            True,
+        )
     if d.kv_offload_redis and not s.redis.enabled:
         yield Problem(f"{path}.kvOffloadRedis", "needs redis.enabled: true", True)
 
@@ -194,12 +248,18 @@ def _plan_problems(s: Settings, path: str, d: DeploymentSettings) -> Iterator[Pr
     result, problems = plan(request)
     for p in problems:
         yield Problem(f"{path}.{p.field}", p.reason, p.value)
-    if result is not None and d.shm_size_gib is not None:
-        if d.shm_size_gib * 2**30 < result.min_shm_bytes:
-            yield Problem(f"{path}.shmSizeGib", "below the planner's minimum of "
-                          f"{format_bytes(result.min_shm_bytes)} for this group (NCCL and vLLM's "
-                          "shared-memory queues fail with bus errors); raise it or leave it unset",
-                          d.shm_size_gib)
+    if (
+        result is not None
+        and d.shm_size_gib is not None
+        and d.shm_size_gib * 2**30 < result.min_shm_bytes
+    ):
+        yield Problem(
+            f"{path}.shmSizeGib",
+            "below the planner's minimum of "
+            f"{format_bytes(result.min_shm_bytes)} for this group (NCCL and vLLM's "
+            "shared-memory queues fail with bus errors); raise it or leave it unset",
+            d.shm_size_gib,
+        )
 
 
 def prod_rules(s: Settings) -> Iterator[Problem]:
@@ -207,28 +267,46 @@ def prod_rules(s: Settings) -> Iterator[Problem]:
     if s.environment != "prod":
         return
     if not s.protect:
-        yield Problem("protect", "must be true in prod so `pulumi destroy` cannot delete data "
-                      "by accident", False)
+        yield Problem(
+            "protect",
+            "must be true in prod so `pulumi destroy` cannot delete data by accident",
+            False,
+        )
     for path, image in images(s):
         if not _DIGEST.search(image):
-            yield Problem(path, "prod images must be pinned by digest (name:tag@sha256:<64 hex>); "
-                          "promote from staging to copy its digests", image)
+            yield Problem(
+                path,
+                "prod images must be pinned by digest (name:tag@sha256:<64 hex>); "
+                "promote from staging to copy its digests",
+                image,
+            )
     for d in s.serving.deployments:
         path = deployment_path(s, d)
         if not _COMMIT.match(d.revision):
-            yield Problem(f"{path}.revision", "prod needs a 40-character commit sha, not a branch "
-                          "or tag, so every node loads the same weights", d.revision)
+            yield Problem(
+                f"{path}.revision",
+                "prod needs a 40-character commit sha, not a branch "
+                "or tag, so every node loads the same weights",
+                d.revision,
+            )
         group = next((g for g in s.gpu_node_groups if g.name == d.node_group), None)
         if d.nodes_per_group > 1 and group is not None and not group.efa:
-            yield Problem(f"{path}.nodeGroup", f"a {d.nodes_per_group}-node deployment in prod "
-                          f"needs an EFA node group; {group.name} has efa: false (NCCL over TCP "
-                          "is an order of magnitude slower)", d.node_group)
+            yield Problem(
+                f"{path}.nodeGroup",
+                f"a {d.nodes_per_group}-node deployment in prod "
+                f"needs an EFA node group; {group.name} has efa: false (NCCL over TCP "
+                "is an order of magnitude slower)",
+                d.node_group,
+            )
 
 
 def images(s: Settings) -> list[tuple[str, str]]:
     """(key path, image) of every container image the stack runs."""
-    found = [("serving.vllmImage", s.serving.vllm_image), ("gateway.image", s.gateway.image),
-             ("gateway.exporterImage", s.gateway.exporter_image)]
+    found = [
+        ("serving.vllmImage", s.serving.vllm_image),
+        ("gateway.image", s.gateway.image),
+        ("gateway.exporterImage", s.gateway.exporter_image),
+    ]
     if s.redis.enabled:
         found += [("redis.image", s.redis.image), ("redis.exporterImage", s.redis.exporter_image)]
     if s.webui.enabled:
@@ -242,26 +320,43 @@ def autoscaling_rules(s: Settings) -> Iterator[Problem]:
         path = f"{deployment_path(s, d)}.autoscaling"
         a = d.autoscaling
         if a.max_replicas < a.min_replicas:
-            yield Problem(f"{path}.maxReplicas", f"must be at least minReplicas={a.min_replicas}",
-                          a.max_replicas)
+            yield Problem(
+                f"{path}.maxReplicas",
+                f"must be at least minReplicas={a.min_replicas}",
+                a.max_replicas,
+            )
         if a.min_replicas == 0 and not a.scale_to_zero:
-            yield Problem(f"{path}.minReplicas", "0 needs scaleToZero: true (cold starts take "
-                          "minutes); or use 1", 0)
+            yield Problem(
+                f"{path}.minReplicas",
+                "0 needs scaleToZero: true (cold starts take minutes); or use 1",
+                0,
+            )
         if not a.min_replicas <= d.replicas <= max(a.max_replicas, a.min_replicas):
-            yield Problem(f"{deployment_path(s, d)}.replicas", "must lie between "
-                          f"autoscaling.minReplicas={a.min_replicas} and maxReplicas={a.max_replicas}",
-                          d.replicas)
+            yield Problem(
+                f"{deployment_path(s, d)}.replicas",
+                "must lie between "
+                f"autoscaling.minReplicas={a.min_replicas} and maxReplicas={a.max_replicas}",
+                d.replicas,
+            )
         demand[d.node_group] += a.max_replicas * d.nodes_per_group
     for i, g in enumerate(s.gpu_node_groups):
         if demand[g.name] > g.max_size:
             users = [d.name for d in s.serving.deployments if d.node_group == g.name]
-            yield Problem(f"gpuNodeGroups[{i}].maxSize", f"deployments {', '.join(users)} may need "
-                          f"{demand[g.name]} nodes (maxReplicas x nodesPerGroup); raise maxSize "
-                          "or lower their maxReplicas", g.max_size)
+            yield Problem(
+                f"gpuNodeGroups[{i}].maxSize",
+                f"deployments {', '.join(users)} may need "
+                f"{demand[g.name]} nodes (maxReplicas x nodesPerGroup); raise maxSize "
+                "or lower their maxReplicas",
+                g.max_size,
+            )
 
 
 RULES: tuple[Rule, ...] = (
-    network_rules, node_group_rules, deployment_rules, prod_rules, autoscaling_rules,
+    network_rules,
+    node_group_rules,
+    deployment_rules,
+    prod_rules,
+    autoscaling_rules,
 )
 
 
@@ -275,14 +370,21 @@ _PLACEHOLDER = re.compile(r"^0+$")
 def warnings(s: Settings) -> list[Problem]:
     """Pins that pass validation but cannot be deployed as written (all-zero placeholders)."""
     found = [
-        Problem(path, "placeholder digest: resolve it (`crane digest IMAGE`) or promote from "
-                "the previous stack before deploying", image)
+        Problem(
+            path,
+            "placeholder digest: resolve it (`crane digest IMAGE`) or promote from "
+            "the previous stack before deploying",
+            image,
+        )
         for path, image in images(s)
         if "@sha256:" in image and _PLACEHOLDER.match(image.rsplit(":", 1)[1])
     ]
     found += [
-        Problem(f"{deployment_path(s, d)}.revision", "placeholder revision: set the model's "
-                "Hub commit sha before deploying", d.revision)
+        Problem(
+            f"{deployment_path(s, d)}.revision",
+            "placeholder revision: set the model's Hub commit sha before deploying",
+            d.revision,
+        )
         for d in s.serving.deployments
         if _PLACEHOLDER.match(d.revision)
     ]

@@ -239,7 +239,9 @@ class DeploymentSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class ServingSettings:
-    namespace: str = setting("Kubernetes namespace of the engines, gateway, Redis, web UI.", "qwen-vl")
+    namespace: str = setting(
+        "Kubernetes namespace of the engines, gateway, Redis, web UI.", "qwen-vl"
+    )
     vllm_image: str = setting(
         "vLLM 0.33 OpenAI server image (prod: pinned by digest).", promotable=True
     )
@@ -279,7 +281,8 @@ class GatewaySettings:
         promotable=True,
     )
     read_timeout_seconds: int = setting(
-        "proxy_read_timeout / send_timeout: longest silence between two reads.", 600,
+        "proxy_read_timeout / send_timeout: longest silence between two reads.",
+        600,
         promotable=True,
     )
     load_balancing: Literal["leastConn", "sessionAffinity"] = setting(
@@ -287,7 +290,9 @@ class GatewaySettings:
         "leastConn",
         promotable=True,
     )
-    affinity_header: str = setting("Header carrying the session id.", "X-Session-Id", promotable=True)
+    affinity_header: str = setting(
+        "Header carrying the session id.", "X-Session-Id", promotable=True
+    )
     api_key_ids: tuple[str, ...] = setting(
         "Clients that get a generated API key (key ids appear in logs, keys never do).",
         ("default",),
@@ -310,7 +315,9 @@ class RedisSettings:
         "AOF fsync policy.", "everysec", promotable=True
     )
     volume_gib: int = setting("PVC (gp3) for the AOF.", 10)
-    vision_cache_ttl_seconds: int = setting("TTL of vision:<sha256> entries.", 86400, promotable=True)
+    vision_cache_ttl_seconds: int = setting(
+        "TTL of vision:<sha256> entries.", 86400, promotable=True
+    )
     session_ttl_seconds: int = setting("TTL of session:<id> entries.", 3600, promotable=True)
 
 
@@ -348,12 +355,22 @@ class AutoscalingSettings:
 class WebUiSettings:
     enabled: bool = setting("Run Open WebUI.", True)
     image: str = setting("Open WebUI image.", promotable=True)
-    exposure: Literal["gateway", "internal"] = setting(
-        "Serve it at /ui/ through the gateway, or only on an internal Service.", "gateway"
+    exposure: Literal["loadBalancer", "internal"] = setting(
+        "An internal NLB of its own, or only the in-cluster Service (kubectl port-forward). "
+        "Not /ui/ on the gateway: Open WebUI has no base-path setting (docs/data.md).",
+        "loadBalancer",
     )
-    replicas: int = setting("Web UI pods (state shared through Redis).", 1)
+    replicas: int = setting(
+        "Web UI pods. Must be 1: Open WebUI keeps users and chats in SQLite on a "
+        "ReadWriteOnce volume (its websocket state is in Redis all the same).",
+        1,
+    )
     volume_gib: int = setting("PVC for uploads and the user database.", 10)
-    admin_email: str = setting("Admin account e-mail.", "admin@example.com")
+    admin_email: str = setting(
+        "Admin account e-mail; Open WebUI >= 0.7.0 creates the account at startup with the "
+        "generated password (output webui_admin_password).",
+        "admin@example.com",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -377,7 +394,9 @@ class Settings:
     gateway: GatewaySettings = setting("Nginx gateway.")
     redis: RedisSettings = setting("Redis cache.")
     monitoring: MonitoringSettings = setting("Prometheus, Grafana, alerts.", MonitoringSettings())
-    autoscaling: AutoscalingSettings = setting("KEDA and Cluster Autoscaler.", AutoscalingSettings())
+    autoscaling: AutoscalingSettings = setting(
+        "KEDA and Cluster Autoscaler.", AutoscalingSettings()
+    )
     webui: WebUiSettings = setting("Open WebUI.")
     hf_token: Secret | None = setting(
         "Hugging Face token (`pulumi config set --secret hfToken ...`), for gated models.", None

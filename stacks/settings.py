@@ -90,10 +90,12 @@ def build(source: str, stack: str, values: Mapping[str, Any]) -> Settings:
         for foreign, field in FOREIGN_KEYS.items()
         if field in raw
     ]
-    raw.update({field: values[foreign] for foreign, field in FOREIGN_KEYS.items() if foreign in values})
+    raw.update(
+        {field: values[foreign] for foreign, field in FOREIGN_KEYS.items() if foreign in values}
+    )
     settings, problems = parse(Settings, raw, {"stack": stack})
     if settings is not None and not misplaced and not problems:
         problems = validate(settings)
-    if problems or misplaced:
+    if problems or misplaced or settings is None:
         raise SettingsError(source, misplaced + problems)
     return settings

@@ -18,8 +18,8 @@ from typing import Any
 
 import pulumi
 import yaml
-from pulumi.runtime import mocks
 from pulumi.runtime import config as runtime_config
+from pulumi.runtime import mocks
 from pulumi.runtime.settings import get_root_resource
 
 from stacks.schema import PROJECT
@@ -66,12 +66,16 @@ class StackMocks(pulumi.runtime.Mocks):
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict[str, Any]]:
         inputs = ints(dict(args.inputs))
-        self.resources[(args.typ, args.name)] = Resource(args.typ, args.name, inputs, args.custom)
+        self.resources[(args.typ, args.name)] = Resource(
+            args.typ, args.name, inputs, bool(args.custom)
+        )
         state = {**inputs, **computed_outputs(args.typ, args.name, inputs)}
         return f"{args.name}-id", state
 
-    def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict[str, Any], list[Any]] | dict[str, Any]:
-        return invoke_result(args.token, ints(dict(args.args)))
+    def call(
+        self, args: pulumi.runtime.MockCallArgs
+    ) -> tuple[dict[str, Any], list[tuple[str, str]] | None]:
+        return invoke_result(args.token, ints(dict(args.args))), None
 
 
 def computed_outputs(typ: str, name: str, inputs: Mapping[str, Any]) -> dict[str, Any]:
@@ -93,7 +97,7 @@ class RecordingMonitor(mocks.MockMonitor):
         super().__init__(mocks_)
         self.options = options
 
-    def RegisterResource(self, request: Any) -> Any:  # noqa: N802 (gRPC method name)
+    def RegisterResource(self, request: Any) -> Any:
         self.options[(request.type, request.name)] = {
             "parent": request.parent,
             "provider": request.provider,
@@ -140,8 +144,13 @@ class StackRun:
         return matches[0]
 
     def kubernetes(self) -> Iterator[Resource]:
-        return (r for r in self.resources if r.type.startswith("kubernetes:") and r.custom
-                and not r.type.startswith("kubernetes:helm.sh"))
+        return (
+            r
+            for r in self.resources
+            if r.type.startswith("kubernetes:")
+            and r.custom
+            and not r.type.startswith("kubernetes:helm.sh")
+        )
 
 
 def run_stack(stack: str, stack_file: Path | None = None) -> StackRun:
@@ -150,8 +159,13 @@ def run_stack(stack: str, stack_file: Path | None = None) -> StackRun:
     found: dict[tuple[str, str], Resource] = {}
     options: dict[tuple[str, str], dict[str, Any]] = {}
     stack_mocks = StackMocks(found)
-    pulumi.runtime.set_mocks(stack_mocks, project=PROJECT, stack=stack, preview=False,
-                             monitor=RecordingMonitor(stack_mocks, options))
+    pulumi.runtime.set_mocks(
+        stack_mocks,
+        project=PROJECT,
+        stack=stack,
+        preview=False,
+        monitor=RecordingMonitor(stack_mocks, options),
+    )
     config, secret_keys = engine_config(stack_file)
     runtime_config.set_all_config(config, secret_keys)
     exported: dict[str, Any] = {}

@@ -14,7 +14,7 @@ def test_program_exports_the_stack_identity(stack: str) -> None:
     assert run.outputs["environment"] == stack
 
 
-def test_config_mistake_under_the_engine_is_one_clean_message(tmp_path) -> None:  # noqa: ANN001
+def test_config_mistake_under_the_engine_is_one_clean_message(tmp_path) -> None:
     import pulumi
     import yaml
 

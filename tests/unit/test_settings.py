@@ -65,106 +65,320 @@ def deleter(*path: Any) -> Callable[[Config], None]:
 
 # (id, stack, mutation, key path the message must name, words the reason must contain)
 CASES: list[tuple[str, str, Callable[[Config], None], str, str]] = [
-    ("tp-not-dividing-gpus", "prod", setter("serving", "deployments", 1, "tensorParallel", value=3),
-     "serving.deployments[1].tensorParallel=3", "must divide the 8 GPUs of p5.48xlarge (try 1, 2, 4 or 8)"),
-    ("tp-pp-mismatch", "staging", setter("serving", "deployments", 1, "pipelineParallel", value=1),
-     "serving.deployments[1]", "8"),
-    ("unknown-model", "dev", setter("serving", "deployments", 0, "model", value="Qwen/Qwen3-VL-7B"),
-     "serving.deployments[0].model=Qwen/Qwen3-VL-7B", "unknown model"),
-    ("unknown-node-group", "dev", setter("serving", "deployments", 0, "nodeGroup", value="h100"),
-     "serving.deployments[0].nodeGroup=h100", "must name one of gpuNodeGroups: l40s"),
-    ("typo-in-deployment-key", "dev", setter("serving", "deployments", 0, "tensorParalel", value=1),
-     "serving.deployments[0].tensorParalel=1", "did you mean tensorParallel?"),
-    ("typo-top-level-key", "dev", lambda c: c.update({NS + "gatway": {}}),
-     "gatway", "did you mean gateway?"),
-    ("string-for-int", "dev", setter("serving", "deployments", 0, "maxModelLen", value="32k"),
-     "serving.deployments[0].maxModelLen=32k", "must be an integer"),
-    ("bool-for-int", "dev", setter("gateway", "replicas", value=True),
-     "gateway.replicas=true", "must be an integer"),
-    ("int-for-string-revision", "dev", setter("serving", "deployments", 0, "revision", value=0),
-     "serving.deployments[0].revision=0", "must be a string"),
-    ("bad-literal", "dev", setter("gateway", "loadBalancing", value="roundRobin"),
-     "gateway.loadBalancing=roundRobin", "must be one of leastConn, sessionAffinity"),
-    ("list-expected", "dev", setter("network", "availabilityZones", value="us-east-1a"),
-     "network.availabilityZones=us-east-1a", "must be a list"),
-    ("missing-required", "dev", deleter("cluster", "name"),
-     "cluster.name", "required"),
-    ("missing-environment", "dev", lambda c: c.pop(NS + "environment"),
-     "environment", "required"),
-    ("bad-environment", "dev", lambda c: c.update({NS + "environment": "production"}),
-     "environment=production", "must be one of dev, staging, prod"),
-    ("region-in-wrong-namespace", "dev", lambda c: c.update({NS + "region": "us-east-1"}),
-     "qwen-vl-serving:region", "set it as aws:region"),
-    ("nested-secret", "dev", setter("redis", "image", value={"secure": "v1:abc"}),
-     "redis.image", "secrets are only accepted as top-level keys"),
-    ("one-az", "dev", setter("network", "availabilityZones", value=["us-east-1a"]),
-     "network.availabilityZones", "at least 2 distinct AZs"),
-    ("az-of-other-region", "dev", setter("network", "availabilityZones", value=["us-east-1a", "eu-west-1b"]),
-     "network.availabilityZones[1]=eu-west-1b", "must be a zone of us-east-1"),
-    ("bad-cidr", "dev", setter("network", "cidr", value="10.20.0.0/33"),
-     "network.cidr=10.20.0.0/33", "IPv4 CIDR"),
-    ("existing-vpc-without-id", "dev", setter("network", "mode", value="existing"),
-     "network.vpcId", "required when network.mode is existing"),
-    ("efa-on-type-without-efa", "dev", setter("gpuNodeGroups", 0, "efa", value=True),
-     "gpuNodeGroups[0].efa=true", "g6e.xlarge has no EFA"),
-    ("efa-without-az", "staging", deleter("gpuNodeGroups", 1, "availabilityZone"),
-     "gpuNodeGroups[1].availabilityZone", "required with efa"),
-    ("az-outside-network", "staging", setter("gpuNodeGroups", 1, "availabilityZone", value="us-east-1f"),
-     "gpuNodeGroups[1].availabilityZone=us-east-1f", "must be one of the network's AZs"),
-    ("min-above-max", "dev", setter("gpuNodeGroups", 0, "minSize", value=3),
-     "gpuNodeGroups[0].minSize=3", "must not exceed maxSize=1"),
-    ("desired-outside-bounds", "dev", setter("systemNodes", "desiredSize", value=9),
-     "systemNodes.desiredSize=9", "must lie between minSize=1 and maxSize=3"),
-    ("unknown-instance-type", "dev", setter("gpuNodeGroups", 0, "instanceType", value="g7.xlarge"),
-     "gpuNodeGroups[0].instanceType=g7.xlarge", "unknown GPU instance type"),
-    ("gpu-type-for-system-nodes", "dev", setter("systemNodes", "instanceType", value="p5.48xlarge"),
-     "systemNodes.instanceType=p5.48xlarge", "must be a CPU type"),
-    ("capacity-block-without-reservation", "dev", setter("gpuNodeGroups", 0, "capacityType", value="capacityBlock"),
-     "gpuNodeGroups[0].capacityReservationId", "required when capacityType is capacityBlock"),
-    ("duplicate-group-names", "staging", setter("gpuNodeGroups", 1, "name", value="l40s"),
-     "gpuNodeGroups", "used 2 times"),
-    ("deployment-named-vllm", "dev", setter("serving", "deployments", 0, "name", value="vllm"),
-     "serving.deployments[0].name=vllm", "VLLM_PORT"),
-    ("deployment-name-not-dns", "dev", setter("serving", "deployments", 0, "name", value="Qwen_2B"),
-     "serving.deployments[0].name=Qwen_2B", "DNS label"),
-    ("unknown-default-deployment", "staging", setter("serving", "defaultDeployment", value="qwen"),
-     "serving.defaultDeployment=qwen", "must name one of serving.deployments"),
-    ("weights-do-not-fit", "dev", setter("serving", "deployments", 0, "model", value="Qwen/Qwen3-VL-235B-A22B-Instruct"),
-     "serving.deployments[0]", "GiB"),
-    ("context-too-long", "dev", setter("serving", "deployments", 0, "maxModelLen", value=400000),
-     "serving.deployments[0].maxModelLen=400000", "262144"),
-    ("expert-parallel-on-dense", "dev", setter("serving", "deployments", 0, "expertParallel", value=True),
-     "serving.deployments[0].expertParallel=true", "MoE"),
-    ("shm-below-minimum", "staging", setter("serving", "deployments", 1, "shmSizeGib", value=1),
-     "serving.deployments[1].shmSizeGib=1", "below the planner's minimum of 8.0 GiB"),
-    ("tag-only-image-in-prod", "prod", setter("serving", "vllmImage", value="vllm/vllm-openai:v0.33.0"),
-     "serving.vllmImage=vllm/vllm-openai:v0.33.0", "pinned by digest"),
-    ("branch-revision-in-prod", "prod", setter("serving", "deployments", 0, "revision", value="main"),
-     "serving.deployments[0].revision=main", "40-character commit sha"),
-    ("multi-node-without-efa-in-prod", "prod", setter("gpuNodeGroups", 1, "efa", value=False),
-     "serving.deployments[1].nodeGroup=h100-efa", "needs an EFA node group"),
-    ("prod-unprotected", "prod", lambda c: c.update({NS + "protect": False}),
-     "protect=false", "must be true in prod"),
-    ("max-below-min-replicas", "staging",
-     setter("serving", "deployments", 0, "autoscaling", value={"minReplicas": 3, "maxReplicas": 2}),
-     "serving.deployments[0].autoscaling.maxReplicas=2", "must be at least minReplicas=3"),
-    ("groups-exceed-node-group", "staging",
-     setter("serving", "deployments", 1, "autoscaling", value={"maxReplicas": 2}),
-     "gpuNodeGroups[1].maxSize=2", "may need 4 nodes"),
-    ("zero-replicas-without-scale-to-zero", "dev",
-     setter("serving", "deployments", 0, "autoscaling", value={"minReplicas": 0}),
-     "serving.deployments[0].autoscaling.minReplicas=0", "scaleToZero"),
-    ("kv-offload-without-lmcache-image", "dev", setter("serving", "deployments", 0, "kvOffloadRedis", value=True),
-     "serving.deployments[0].kvOffloadRedis=true", "imageIncludesLmcache"),
-    ("unknown-alert-threshold", "dev", setter("monitoring", "alerts", value={"queueBacklg": 5}),
-     "monitoring.alerts.queueBacklg=5", "did you mean queueBacklog?"),
+    (
+        "tp-not-dividing-gpus",
+        "prod",
+        setter("serving", "deployments", 1, "tensorParallel", value=3),
+        "serving.deployments[1].tensorParallel=3",
+        "must divide the 8 GPUs of p5.48xlarge (try 1, 2, 4 or 8)",
+    ),
+    (
+        "tp-pp-mismatch",
+        "staging",
+        setter("serving", "deployments", 1, "pipelineParallel", value=1),
+        "serving.deployments[1]",
+        "8",
+    ),
+    (
+        "unknown-model",
+        "dev",
+        setter("serving", "deployments", 0, "model", value="Qwen/Qwen3-VL-7B"),
+        "serving.deployments[0].model=Qwen/Qwen3-VL-7B",
+        "unknown model",
+    ),
+    (
+        "unknown-node-group",
+        "dev",
+        setter("serving", "deployments", 0, "nodeGroup", value="h100"),
+        "serving.deployments[0].nodeGroup=h100",
+        "must name one of gpuNodeGroups: l40s",
+    ),
+    (
+        "typo-in-deployment-key",
+        "dev",
+        setter("serving", "deployments", 0, "tensorParalel", value=1),
+        "serving.deployments[0].tensorParalel=1",
+        "did you mean tensorParallel?",
+    ),
+    (
+        "typo-top-level-key",
+        "dev",
+        lambda c: c.update({NS + "gatway": {}}),
+        "gatway",
+        "did you mean gateway?",
+    ),
+    (
+        "string-for-int",
+        "dev",
+        setter("serving", "deployments", 0, "maxModelLen", value="32k"),
+        "serving.deployments[0].maxModelLen=32k",
+        "must be an integer",
+    ),
+    (
+        "bool-for-int",
+        "dev",
+        setter("gateway", "replicas", value=True),
+        "gateway.replicas=true",
+        "must be an integer",
+    ),
+    (
+        "int-for-string-revision",
+        "dev",
+        setter("serving", "deployments", 0, "revision", value=0),
+        "serving.deployments[0].revision=0",
+        "must be a string",
+    ),
+    (
+        "bad-literal",
+        "dev",
+        setter("gateway", "loadBalancing", value="roundRobin"),
+        "gateway.loadBalancing=roundRobin",
+        "must be one of leastConn, sessionAffinity",
+    ),
+    (
+        "list-expected",
+        "dev",
+        setter("network", "availabilityZones", value="us-east-1a"),
+        "network.availabilityZones=us-east-1a",
+        "must be a list",
+    ),
+    ("missing-required", "dev", deleter("cluster", "name"), "cluster.name", "required"),
+    ("missing-environment", "dev", lambda c: c.pop(NS + "environment"), "environment", "required"),
+    (
+        "bad-environment",
+        "dev",
+        lambda c: c.update({NS + "environment": "production"}),
+        "environment=production",
+        "must be one of dev, staging, prod",
+    ),
+    (
+        "region-in-wrong-namespace",
+        "dev",
+        lambda c: c.update({NS + "region": "us-east-1"}),
+        "qwen-vl-serving:region",
+        "set it as aws:region",
+    ),
+    (
+        "nested-secret",
+        "dev",
+        setter("redis", "image", value={"secure": "v1:abc"}),
+        "redis.image",
+        "secrets are only accepted as top-level keys",
+    ),
+    (
+        "one-az",
+        "dev",
+        setter("network", "availabilityZones", value=["us-east-1a"]),
+        "network.availabilityZones",
+        "at least 2 distinct AZs",
+    ),
+    (
+        "az-of-other-region",
+        "dev",
+        setter("network", "availabilityZones", value=["us-east-1a", "eu-west-1b"]),
+        "network.availabilityZones[1]=eu-west-1b",
+        "must be a zone of us-east-1",
+    ),
+    (
+        "bad-cidr",
+        "dev",
+        setter("network", "cidr", value="10.20.0.0/33"),
+        "network.cidr=10.20.0.0/33",
+        "IPv4 CIDR",
+    ),
+    (
+        "existing-vpc-without-id",
+        "dev",
+        setter("network", "mode", value="existing"),
+        "network.vpcId",
+        "required when network.mode is existing",
+    ),
+    (
+        "efa-on-type-without-efa",
+        "dev",
+        setter("gpuNodeGroups", 0, "efa", value=True),
+        "gpuNodeGroups[0].efa=true",
+        "g6e.xlarge has no EFA",
+    ),
+    (
+        "efa-without-az",
+        "staging",
+        deleter("gpuNodeGroups", 1, "availabilityZone"),
+        "gpuNodeGroups[1].availabilityZone",
+        "required with efa",
+    ),
+    (
+        "az-outside-network",
+        "staging",
+        setter("gpuNodeGroups", 1, "availabilityZone", value="us-east-1f"),
+        "gpuNodeGroups[1].availabilityZone=us-east-1f",
+        "must be one of the network's AZs",
+    ),
+    (
+        "min-above-max",
+        "dev",
+        setter("gpuNodeGroups", 0, "minSize", value=3),
+        "gpuNodeGroups[0].minSize=3",
+        "must not exceed maxSize=1",
+    ),
+    (
+        "desired-outside-bounds",
+        "dev",
+        setter("systemNodes", "desiredSize", value=9),
+        "systemNodes.desiredSize=9",
+        "must lie between minSize=1 and maxSize=3",
+    ),
+    (
+        "unknown-instance-type",
+        "dev",
+        setter("gpuNodeGroups", 0, "instanceType", value="g7.xlarge"),
+        "gpuNodeGroups[0].instanceType=g7.xlarge",
+        "unknown GPU instance type",
+    ),
+    (
+        "gpu-type-for-system-nodes",
+        "dev",
+        setter("systemNodes", "instanceType", value="p5.48xlarge"),
+        "systemNodes.instanceType=p5.48xlarge",
+        "must be a CPU type",
+    ),
+    (
+        "capacity-block-without-reservation",
+        "dev",
+        setter("gpuNodeGroups", 0, "capacityType", value="capacityBlock"),
+        "gpuNodeGroups[0].capacityReservationId",
+        "required when capacityType is capacityBlock",
+    ),
+    (
+        "duplicate-group-names",
+        "staging",
+        setter("gpuNodeGroups", 1, "name", value="l40s"),
+        "gpuNodeGroups",
+        "used 2 times",
+    ),
+    (
+        "deployment-named-vllm",
+        "dev",
+        setter("serving", "deployments", 0, "name", value="vllm"),
+        "serving.deployments[0].name=vllm",
+        "VLLM_PORT",
+    ),
+    (
+        "deployment-name-not-dns",
+        "dev",
+        setter("serving", "deployments", 0, "name", value="Qwen_2B"),
+        "serving.deployments[0].name=Qwen_2B",
+        "DNS label",
+    ),
+    (
+        "unknown-default-deployment",
+        "staging",
+        setter("serving", "defaultDeployment", value="qwen"),
+        "serving.defaultDeployment=qwen",
+        "must name one of serving.deployments",
+    ),
+    (
+        "weights-do-not-fit",
+        "dev",
+        setter("serving", "deployments", 0, "model", value="Qwen/Qwen3-VL-235B-A22B-Instruct"),
+        "serving.deployments[0]",
+        "GiB",
+    ),
+    (
+        "context-too-long",
+        "dev",
+        setter("serving", "deployments", 0, "maxModelLen", value=400000),
+        "serving.deployments[0].maxModelLen=400000",
+        "262144",
+    ),
+    (
+        "expert-parallel-on-dense",
+        "dev",
+        setter("serving", "deployments", 0, "expertParallel", value=True),
+        "serving.deployments[0].expertParallel=true",
+        "MoE",
+    ),
+    (
+        "shm-below-minimum",
+        "staging",
+        setter("serving", "deployments", 1, "shmSizeGib", value=1),
+        "serving.deployments[1].shmSizeGib=1",
+        "below the planner's minimum of 8.0 GiB",
+    ),
+    (
+        "tag-only-image-in-prod",
+        "prod",
+        setter("serving", "vllmImage", value="vllm/vllm-openai:v0.33.0"),
+        "serving.vllmImage=vllm/vllm-openai:v0.33.0",
+        "pinned by digest",
+    ),
+    (
+        "branch-revision-in-prod",
+        "prod",
+        setter("serving", "deployments", 0, "revision", value="main"),
+        "serving.deployments[0].revision=main",
+        "40-character commit sha",
+    ),
+    (
+        "multi-node-without-efa-in-prod",
+        "prod",
+        setter("gpuNodeGroups", 1, "efa", value=False),
+        "serving.deployments[1].nodeGroup=h100-efa",
+        "needs an EFA node group",
+    ),
+    (
+        "prod-unprotected",
+        "prod",
+        lambda c: c.update({NS + "protect": False}),
+        "protect=false",
+        "must be true in prod",
+    ),
+    (
+        "max-below-min-replicas",
+        "staging",
+        setter(
+            "serving", "deployments", 0, "autoscaling", value={"minReplicas": 3, "maxReplicas": 2}
+        ),
+        "serving.deployments[0].autoscaling.maxReplicas=2",
+        "must be at least minReplicas=3",
+    ),
+    (
+        "groups-exceed-node-group",
+        "staging",
+        setter("serving", "deployments", 1, "autoscaling", value={"maxReplicas": 2}),
+        "gpuNodeGroups[1].maxSize=2",
+        "may need 4 nodes",
+    ),
+    (
+        "zero-replicas-without-scale-to-zero",
+        "dev",
+        setter("serving", "deployments", 0, "autoscaling", value={"minReplicas": 0}),
+        "serving.deployments[0].autoscaling.minReplicas=0",
+        "scaleToZero",
+    ),
+    (
+        "kv-offload-without-lmcache-image",
+        "dev",
+        setter("serving", "deployments", 0, "kvOffloadRedis", value=True),
+        "serving.deployments[0].kvOffloadRedis=true",
+        "imageIncludesLmcache",
+    ),
+    (
+        "unknown-alert-threshold",
+        "dev",
+        setter("monitoring", "alerts", value={"queueBacklg": 5}),
+        "monitoring.alerts.queueBacklg=5",
+        "did you mean queueBacklog?",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("stack", "mutate", "path", "reason"),
-                         [pytest.param(*case[1:], id=case[0]) for case in CASES])
-def test_mistake_is_reported_with_key_path_and_fix(stack: str, mutate: Callable[[Config], None],
-                                                   path: str, reason: str) -> None:
+@pytest.mark.parametrize(
+    ("stack", "mutate", "path", "reason"), [pytest.param(*case[1:], id=case[0]) for case in CASES]
+)
+def test_mistake_is_reported_with_key_path_and_fix(
+    stack: str, mutate: Callable[[Config], None], path: str, reason: str
+) -> None:
     message = problems_of(stack, mutate)
     line = next((ln for ln in message.splitlines() if f"- {path}" in ln), None)
     assert line is not None, f"no problem names {path!r}:\n{message}"
@@ -184,8 +398,11 @@ def test_every_problem_is_collected_in_one_error() -> None:
 
     message = problems_of("dev", three_mistakes)
     assert "3 configuration problem(s)" in message or "configuration problem(s)" in message
-    for path in ("gpuNodeGroups[0].minSize=5", "serving.deployments[0].tensorParallel=3",
-                 "network.cidr=not-a-cidr"):
+    for path in (
+        "gpuNodeGroups[0].minSize=5",
+        "serving.deployments[0].tensorParallel=3",
+        "network.cidr=not-a-cidr",
+    ):
         assert path in message
 
 
@@ -200,10 +417,15 @@ def test_committed_stacks_are_valid_and_match_their_tier(stack: str) -> None:
 def test_prod_has_a_replicated_small_model_and_a_multi_node_efa_model() -> None:
     s = load_stack_file(ROOT / "Pulumi.prod.yaml")
     small, big = s.serving.deployments
-    assert (small.model, small.nodes_per_group, small.replicas) == ("Qwen/Qwen3-VL-2B-Instruct", 1, 4)
+    assert (small.model, small.nodes_per_group, small.replicas) == (
+        "Qwen/Qwen3-VL-2B-Instruct",
+        1,
+        4,
+    )
     assert big.nodes_per_group == 2
     assert (big.tensor_parallel, big.pipeline_parallel) == (8, 2)
-    assert s.node_group(big.node_group).efa and s.node_group(big.node_group).instance_type == "p5.48xlarge"
+    assert s.node_group(big.node_group).efa
+    assert s.node_group(big.node_group).instance_type == "p5.48xlarge"
 
 
 def test_secure_values_stay_opaque(tmp_path: Path) -> None:
@@ -225,7 +447,9 @@ def test_non_secret_token_is_refused() -> None:
 def test_check_command_prints_plan_and_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
     assert check.main(["staging"]) == 0
     out = capsys.readouterr().out
-    assert "qwen3-vl-32b" in out and "g6e.24xlarge x 2" in out and "4 x 2" in out
+    assert "qwen3-vl-32b" in out
+    assert "g6e.24xlarge x 2" in out
+    assert "4 x 2" in out
     assert "Pulumi.staging.yaml: valid" in out
 
 
@@ -235,8 +459,14 @@ def test_check_command_lists_every_problem_and_exits_one(tmp_path: Path) -> None
     config[NS + "serving"]["deployments"][0]["maxModelLen"] = "long"
     bad = tmp_path / "Pulumi.bad.yaml"
     bad.write_text(yaml.safe_dump({"config": config}))
-    result = subprocess.run([sys.executable, "-m", "stacks.check", str(bad)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "stacks.check", str(bad)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 1
     assert "gateway.replicas=two: must be an integer" in result.stderr
     assert "serving.deployments[0].maxModelLen=long: must be an integer" in result.stderr
@@ -244,9 +474,16 @@ def test_check_command_lists_every_problem_and_exits_one(tmp_path: Path) -> None
 
 
 def test_check_command_has_help() -> None:
-    result = subprocess.run([sys.executable, "-m", "stacks.check", "--help"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60, check=False)
-    assert result.returncode == 0 and "capacity plan" in result.stdout
+    result = subprocess.run(
+        [sys.executable, "-m", "stacks.check", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0
+    assert "capacity plan" in result.stdout
 
 
 def test_configuration_reference_matches_the_schema() -> None:
