@@ -41,7 +41,8 @@ unexport PYRIGHT_PYTHON_FORCE_VERSION PYRIGHT_PYTHON_PYLANCE_VERSION
 COMPILE_PACKAGES := pulumi pulumi_aws pulumi_kubernetes pulumi_random pulumi_policy \
 	grpc google opentelemetry
 
-.PHONY: venv debs lint typecheck unit test check docs rehearse rehearse-down lock clean
+.PHONY: venv debs nginx-chroot lint typecheck unit test check docs rehearse rehearse-down loadtest \
+	bench lock clean
 
 venv: $(VENV_STAMP)
 
@@ -84,6 +85,12 @@ debs:
 		-o Dpkg::Use-Pty=0 -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
 		$$missing
 
+# nginx >= 1.27.3 for `nginx -t` on the gateway's cluster config (upstream `resolve`): a
+# Debian sid chroot, built once (~25 s) and reused (NGINX_CHROOT picks its directory).
+nginx-chroot: debs
+	@sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
+		$$sudo env NGINX_CHROOT="$${NGINX_CHROOT:-}" bash scripts/nginx-chroot.sh
+
 lint: $(VENV_STAMP)
 	@echo "==> lint"
 	$(VENV)/bin/ruff check $(SRC)
@@ -97,7 +104,7 @@ unit: $(VENV_STAMP)
 	@echo "==> unit"
 	$(PYTHON) -m pytest -q tests/unit
 
-test: venv debs lint typecheck
+test: venv debs nginx-chroot lint typecheck
 	@echo "==> pytest"
 	$(PYTHON) -m pytest -q
 
@@ -109,11 +116,27 @@ docs: $(VENV_STAMP)
 	$(PYTHON) -m stacks.docs > docs/CONFIG.md.tmp || { rm -f docs/CONFIG.md.tmp; exit 1; }
 	mv docs/CONFIG.md.tmp docs/CONFIG.md
 
-rehearse: $(VENV_STAMP)
+# The rehearsal runs the Debian packages' daemons: `debs` installs any that are missing.
+rehearse: $(VENV_STAMP) debs
 	$(PYTHON) scripts/rehearse.py --stack $(STACK)
 
 rehearse-down: $(VENV_STAMP)
 	$(PYTHON) scripts/rehearse.py down
+
+# Locust against a stack's gateway: the running rehearsal of STACK (TARGET=rehearsal), or
+# the deployed stack from `pulumi stack output` (TARGET=cluster); more options in
+# LOADTEST_ARGS (e.g. "--outputs-file out.json --stream-ratio 1"). docs/loadtest.md.
+TARGET ?= rehearsal
+USERS ?= 20
+DURATION ?= 60
+LOADTEST_ARGS ?=
+loadtest: $(VENV_STAMP)
+	$(PYTHON) scripts/loadtest.py --stack $(STACK) --target $(TARGET) --users $(USERS) \
+		--duration $(DURATION) $(LOADTEST_ARGS)
+
+# The gateway's performance figures (own namespaces, needs root), into docs/BENCHMARKS.md.
+bench: $(VENV_STAMP)
+	$(PYTHON) scripts/bench.py --write docs/BENCHMARKS.md
 
 # Re-resolve every pin (run after editing dependencies in pyproject.toml).
 lock:

@@ -100,3 +100,36 @@ def gateway_internal_url(namespace: str) -> str:
 
 def common_labels(component: str, name: str) -> dict[str, str]:
     return {NAME_LABEL: name, COMPONENT_LABEL: component, PART_OF_LABEL: PART_OF}
+
+
+# vLLM engine pods (components/vllm_*.py); monitors and the gateway select and probe them.
+ENGINE_COMPONENT: Final = "engine"
+ENGINE_ROLE_LABEL: Final = "qwen-vl-serving/engine-role"  # "leader" or "worker"
+VLLM_PORT_NAME: Final = "http"
+VLLM_HEALTH_PATH: Final = "/health"  # open even with an API key (vllm-contract §3)
+VLLM_METRICS_PATH: Final = "/metrics"  # served by the leader only
+
+
+def engine_secret_name(deployment: str) -> str:
+    """A deployment's engine Secret (VLLM_API_KEY, HF_TOKEN); one per LeaderWorkerSet."""
+    return f"{ENGINE_SECRET}-{deployment}"
+
+
+# Platform add-ons (components/cluster_addons.py) that other stages find by name.
+# DCGM exporter: a DaemonSet on GPU nodes; its Service is named after the release.
+DCGM_EXPORTER_NAME: Final = "dcgm-exporter"
+DCGM_EXPORTER_NAMESPACE: Final = SYSTEM_NAMESPACE
+DCGM_EXPORTER_PORT: Final = 9400
+LWS_NAMESPACE: Final = "lws-system"
+
+
+# Redis and the web UI (components/redis.py, components/webui.py).
+REDIS_CONFIG_SECRET: Final = "redis-config"  # redis.conf + exporter/admin passwords (server only)
+# Opt-in label for application pods of the namespace that use the vision/session caches;
+# Redis's NetworkPolicy admits pods carrying it with the value "true".
+REDIS_CLIENT_LABEL: Final = "qwen-vl-serving/redis-client"
+WEBUI_API_KEY_ID: Final = "webui"  # the gateway key (gateway.apiKeyIds) the web UI calls with
+STORAGE_PROVISIONER: Final = "ebs.csi.aws.com"
+NAMESPACE_NAME_LABEL: Final = "kubernetes.io/metadata.name"  # set by Kubernetes on namespaces
+# prometheus-operator labels the Prometheus pods it runs with this name.
+PROMETHEUS_POD_LABELS: Final = {NAME_LABEL: "prometheus"}

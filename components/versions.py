@@ -35,6 +35,8 @@ EFA_DEVICE_PLUGIN: Final = "aws-efa-k8s-device-plugin"
 DCGM_EXPORTER: Final = "dcgm-exporter"
 LEADER_WORKER_SET: Final = "lws"
 CLUSTER_AUTOSCALER: Final = "cluster-autoscaler"
+KUBE_PROMETHEUS_STACK: Final = "kube-prometheus-stack"
+KEDA: Final = "keda"
 
 HELM_CHARTS: Mapping[str, HelmChart] = MappingProxyType(
     {
@@ -61,6 +63,13 @@ HELM_CHARTS: Mapping[str, HelmChart] = MappingProxyType(
             version="9.50.1",
             repo="https://kubernetes.github.io/autoscaler",
         ),
+        # Prometheus Operator v0.88.0 (the chart's appVersion): PodMonitor `portNumber` needs it.
+        KUBE_PROMETHEUS_STACK: HelmChart(
+            chart="kube-prometheus-stack",
+            version="81.4.5",
+            repo="https://prometheus-community.github.io/helm-charts",
+        ),
+        KEDA: HelmChart(chart="keda", version="2.20.2", repo="https://kedacore.github.io/charts"),
     }
 )
 

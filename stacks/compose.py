@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from stacks.data import build_data, build_webui, data_outputs, webui_outputs
+from stacks.engines import build_engines
+from stacks.gateway import build_gateway
+from stacks.observability import build_observability
 from stacks.platform import build_platform
 from stacks.schema import Settings
 from stacks.secrets import build_secrets
@@ -20,10 +24,13 @@ def compose(settings: Settings) -> dict[str, Any]:
     outputs: dict[str, Any] = {"stack": settings.stack, "environment": settings.environment}
     secrets = build_secrets(settings)
     platform = build_platform(settings)
-    # STAGE platform (issue 3): network, EKS, node groups, add-ons -> Kubernetes provider
-    # STAGE engines (issue 4): vLLM LeaderWorkerSets, leader Services, engine Secret
-    # STAGE data (issue 7): Redis
-    # STAGE gateway (issue 5): Nginx gateway, API keys
-    # STAGE webui (issue 7): Open WebUI behind the gateway
-    # STAGE observability (issue 6): Prometheus, Grafana, alerts, KEDA
+    outputs.update(platform.outputs)
+    engines = build_engines(settings, platform, secrets)
+    outputs["engines"] = engines.outputs()
+    data = build_data(settings, platform, secrets)
+    outputs.update(data_outputs(data))
+    outputs.update(build_gateway(settings, platform, secrets).outputs())
+    outputs.update(webui_outputs(build_webui(settings, platform, secrets, data)))
+    observability = build_observability(settings, platform, secrets, engines.components)
+    outputs.update(observability.outputs())
     return outputs

@@ -188,7 +188,7 @@ def _size(r: PlanRequest) -> Plan:
         kv_cache_bytes_per_gpu=kv_bytes,
         kv_cache_tokens=tokens,
         full_length_sequences=tokens // r.max_model_len,
-        min_shm_bytes=_min_shm_bytes(r.instance.gpus, r.nodes_per_group),
+        min_shm_bytes=min_shm_bytes(r.instance.gpus, r.nodes_per_group),
     )
 
 
@@ -215,7 +215,7 @@ def _usable_bytes_per_gpu(r: PlanRequest) -> int:
     return budget - ACTIVATION_RESERVE_BYTES
 
 
-def _min_shm_bytes(gpus_per_node: int, nodes: int) -> int:
+def min_shm_bytes(gpus_per_node: int, nodes: int) -> int:
     if gpus_per_node == 1 and nodes == 1:
         return SHM_SINGLE_GPU_BYTES
     return SHM_PER_GPU_BYTES * gpus_per_node

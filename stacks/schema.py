@@ -77,7 +77,9 @@ class NetworkSettings:
     )
     cidr: str = setting("IPv4 CIDR of a new VPC.", "10.0.0.0/16")
     availability_zones: tuple[str, ...] = setting(
-        "Availability zones of a new VPC (at least 2; EKS needs two for its control plane)."
+        "Availability zones of a new VPC (mode new: at least 2, EKS needs two for its "
+        "control plane; mode existing takes them from privateSubnetIds).",
+        (),
     )
     nat_gateways: Literal["single", "perAz"] = setting(
         "One NAT gateway (cheap, dev) or one per AZ (survives an AZ outage, prod).", "single"
@@ -258,9 +260,8 @@ class ServingSettings:
     image_includes_lmcache: bool = setting(
         "The vLLM image contains LMCache (required by kvOffloadRedis).", False, promotable=True
     )
-    default_deployment: str | None = setting(
-        "Deployment served at /v1 (default: the first).", None, promotable=True
-    )
+    # Not promotable: which deployments exist differs between stacks.
+    default_deployment: str | None = setting("Deployment served at /v1 (default: the first).", None)
     deployments: tuple[DeploymentSettings, ...] = setting("Model deployments.")
 
 
@@ -286,7 +287,7 @@ class GatewaySettings:
         promotable=True,
     )
     load_balancing: Literal["leastConn", "sessionAffinity"] = setting(
-        "least_conn, or consistent hashing on affinityHeader to reuse an engine's prefix cache.",
+        "least_conn, or hashing on affinityHeader so a session reuses one engine's prefix cache.",
         "leastConn",
         promotable=True,
     )

@@ -20,7 +20,7 @@ import pulumi
 import yaml
 from pulumi.runtime import config as runtime_config
 from pulumi.runtime import mocks
-from pulumi.runtime.settings import get_root_resource
+from pulumi.runtime.settings import get_root_resource, set_root_resource
 
 from stacks.schema import PROJECT
 
@@ -75,18 +75,94 @@ class StackMocks(pulumi.runtime.Mocks):
     def call(
         self, args: pulumi.runtime.MockCallArgs
     ) -> tuple[dict[str, Any], list[tuple[str, str]] | None]:
-        return invoke_result(args.token, ints(dict(args.args))), None
+        # No check failures: the MockMonitor iterates this list, so it must not be None.
+        return invoke_result(args.token, ints(dict(args.args))), []
 
 
 def computed_outputs(typ: str, name: str, inputs: Mapping[str, Any]) -> dict[str, Any]:
     """Outputs the cloud would compute that the program uses (ARNs, endpoints, ids)."""
-    del inputs
-    return {"arn": f"arn:aws:mock:::{typ.split(':')[-1]}/{name}"}
+    computed: dict[str, Any] = {"arn": f"arn:aws:mock:::{typ.split(':')[-1]}/{name}"}
+    if typ == "random:index/randomPassword:RandomPassword":
+        # Rendered files (Redis ACL hashes, connection URLs) need a value to compute from.
+        computed["result"] = mock_password(name)
+    return computed | eks_outputs(typ, name, inputs) | service_outputs(typ, inputs)
+
+
+def mock_password(name: str) -> str:
+    """What the mocks generate for the RandomPassword named `name` (tests recompute from it)."""
+    return f"mock{name.replace('-', '')}"
+
+
+MOCK_ACCOUNT = "123456789012"
+MOCK_CLUSTER_CA = "bW9jay1jbHVzdGVyLWNh"  # base64("mock-cluster-ca")
+MOCK_CLUSTER_SECURITY_GROUP = "sg-0mockcluster"
+MOCK_EXISTING_CLUSTER_VERSION = "1.33"
+
+
+def mock_cluster_endpoint(cluster: str) -> str:
+    return f"https://{cluster}.mock.eks.amazonaws.com"
+
+
+def mock_oidc_issuer(cluster: str) -> str:
+    return f"https://oidc.eks.mock.amazonaws.com/id/{cluster}"
+
+
+def mock_asg_name(node_group: str) -> str:
+    return f"eks-{node_group}-asg"
+
+
+def eks_outputs(typ: str, name: str, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """What EKS and EC2 compute for the platform's resources (endpoint, CA, OIDC issuer, ASG)."""
+    if typ == "aws:eks/cluster:Cluster":
+        cluster = inputs.get("name", name)
+        return {
+            "endpoint": mock_cluster_endpoint(cluster),
+            "certificateAuthority": {"data": MOCK_CLUSTER_CA},
+            "identities": [{"oidcs": [{"issuer": mock_oidc_issuer(cluster)}]}],
+            "vpcConfig": {
+                **inputs.get("vpcConfig", {}),
+                "clusterSecurityGroupId": MOCK_CLUSTER_SECURITY_GROUP,
+            },
+        }
+    if typ == "aws:eks/nodeGroup:NodeGroup":
+        return {
+            "nodeGroupName": f"{name}-mock",
+            "resources": [{"autoscalingGroups": [{"name": mock_asg_name(name)}]}],
+        }
+    if typ == "aws:ec2/launchTemplate:LaunchTemplate":
+        return {"latestVersion": 1}
+    if typ == "aws:ec2/placementGroup:PlacementGroup":
+        return {"name": inputs.get("name", name)}  # auto-named after the resource
+    return {}
+
+
+def mock_load_balancer_host(service: str) -> str:
+    return f"{service}.elb.mock.amazonaws.com"
+
+
+def service_outputs(typ: str, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The DNS name the cloud controller publishes for a LoadBalancer Service."""
+    if typ != "kubernetes:core/v1:Service" or inputs.get("spec", {}).get("type") != "LoadBalancer":
+        return {}
+    host = mock_load_balancer_host(inputs["metadata"]["name"])
+    return {"status": {"loadBalancer": {"ingress": [{"hostname": host}]}}}
 
 
 def invoke_result(token: str, args: Mapping[str, Any]) -> dict[str, Any]:
     """Answers to data-source invokes."""
-    del token, args
+    if token == "aws:eks/getCluster:getCluster":  # cluster.mode existing
+        cluster = args["name"]
+        return {
+            "name": cluster,
+            "endpoint": mock_cluster_endpoint(cluster),
+            "certificateAuthorities": [{"data": MOCK_CLUSTER_CA}],
+            "identities": [{"oidcs": [{"issuer": mock_oidc_issuer(cluster)}]}],
+            "vpcConfig": {"clusterSecurityGroupId": MOCK_CLUSTER_SECURITY_GROUP},
+            "version": MOCK_EXISTING_CLUSTER_VERSION,
+        }
+    if token == "aws:iam/getOpenIdConnectProvider:getOpenIdConnectProvider":
+        issuer = str(args["url"]).removeprefix("https://")
+        return {"arn": f"arn:aws:iam::{MOCK_ACCOUNT}:oidc-provider/{issuer}", "url": args["url"]}
     return {}
 
 
@@ -159,6 +235,8 @@ def run_stack(stack: str, stack_file: Path | None = None) -> StackRun:
     found: dict[tuple[str, str], Resource] = {}
     options: dict[tuple[str, str], dict[str, Any]] = {}
     stack_mocks = StackMocks(found)
+    # set_mocks keeps an existing root Stack, and with it the previous run's exports.
+    set_root_resource(None)  # type: ignore[arg-type]
     pulumi.runtime.set_mocks(
         stack_mocks,
         project=PROJECT,

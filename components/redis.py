@@ -1,0 +1,328 @@
+"""Redis: the seeds' vision-embedding and session cache, the web UI's websocket state, and
+optionally LMCache's remote KV store.
+
+One StatefulSet pod runs the official image on the system nodes with the config rendered by
+components/redis_conf.py (ACL users, AOF, maxmemory) and a redis_exporter sidecar. Its volume
+comes from a StorageClass of its own so that its reclaim policy follows `protect`: with
+protect the EBS volume outlives the claim, the namespace and `pulumi destroy` (docs/data.md
+says how to let it go). A NetworkPolicy admits only the pods that use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+from components.naming import (
+    COMPONENT_LABEL,
+    DEPLOYMENT_LABEL,
+    ENGINE_COMPONENT,
+    MONITORING_NAMESPACE,
+    NAME_LABEL,
+    NAMESPACE_NAME_LABEL,
+    NODE_ROLE_LABEL,
+    PROMETHEUS_POD_LABELS,
+    REDIS_CLIENT_LABEL,
+    REDIS_CONFIG_SECRET,
+    REDIS_EXPORTER_PORT,
+    REDIS_NAME,
+    REDIS_PORT,
+    REDIS_SECRET,
+    STORAGE_PROVISIONER,
+    SYSTEM_ROLE,
+    TYPE_PREFIX,
+    WEBUI_NAME,
+    common_labels,
+)
+from components.redis_conf import (
+    ADMIN_PASSWORD_ENTRY,
+    APP_USER,
+    CONF_FILE,
+    DATA_DIR,
+    EXPORTER_PASSWORD_ENTRY,
+    EXPORTER_USER,
+    PASSWORD_ENTRY,
+    USERNAME_ENTRY,
+    RedisConf,
+    redis_memory_mib,
+    render_redis_conf,
+)
+
+COMPONENT = "cache"
+CONF_DIR = "/usr/local/etc/redis"
+# The official image's redis user; fsGroup makes the volume and the config readable to it.
+REDIS_UID = 999
+HEADLESS_NAME = f"{REDIS_NAME}-headless"
+PORT_NAME = "redis"
+METRICS_PORT_NAME = "metrics"
+DATA_VOLUME = "data"
+CONF_VOLUME = "config"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RedisArgs:
+    namespace: pulumi.Input[str]
+    image: str
+    exporter_image: str
+    maxmemory_mib: int
+    maxmemory_policy: str
+    appendfsync: str
+    volume_gib: int
+    app_password: pulumi.Input[str]
+    exporter_password: pulumi.Input[str]
+    admin_password: pulumi.Input[str]
+    webui_clients: bool  # admit the web UI's pods
+    engine_clients: Sequence[str]  # deployments whose engines use Redis as LMCache's backend
+    protect: bool  # keep the StatefulSet and the EBS volume when Pulumi deletes them
+
+
+class Redis(pulumi.ComponentResource):
+    host: str  # Service DNS name relative to the namespace's search path
+    port: int
+    client_secret_name: pulumi.Output[str]
+
+    def __init__(
+        self, name: str, args: RedisArgs, opts: pulumi.ResourceOptions | None = None
+    ) -> None:
+        super().__init__(f"{TYPE_PREFIX}:data:Redis", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+        kept = pulumi.ResourceOptions(
+            parent=self, protect=args.protect, retain_on_delete=args.protect
+        )
+        labels = common_labels(COMPONENT, REDIS_NAME)
+        selector = {NAME_LABEL: REDIS_NAME, COMPONENT_LABEL: COMPONENT}
+
+        conf = pulumi.Output.all(
+            args.app_password, args.exporter_password, args.admin_password
+        ).apply(
+            lambda pw: render_redis_conf(
+                RedisConf(
+                    app_password=pw[0],
+                    exporter_password=pw[1],
+                    admin_password=pw[2],
+                    maxmemory_mib=args.maxmemory_mib,
+                    maxmemory_policy=args.maxmemory_policy,
+                    appendfsync=args.appendfsync,
+                )
+            )
+        )
+        k8s.core.v1.Secret(
+            f"{name}-config",
+            metadata={"name": REDIS_CONFIG_SECRET, "namespace": args.namespace, "labels": labels},
+            type="Opaque",
+            string_data={
+                CONF_FILE: conf,
+                EXPORTER_PASSWORD_ENTRY: args.exporter_password,
+                ADMIN_PASSWORD_ENTRY: args.admin_password,
+            },
+            opts=child,
+        )
+        client_secret = k8s.core.v1.Secret(
+            f"{name}-auth",
+            metadata={"name": REDIS_SECRET, "namespace": args.namespace, "labels": labels},
+            type="Opaque",
+            string_data={USERNAME_ENTRY: APP_USER, PASSWORD_ENTRY: args.app_password},
+            opts=child,
+        )
+        storage = k8s.storage.v1.StorageClass(
+            f"{name}-storage",
+            metadata={"name": pulumi.Output.concat(args.namespace, "-redis-gp3"), "labels": labels},
+            provisioner=STORAGE_PROVISIONER,
+            parameters={"type": "gp3", "encrypted": "true"},
+            reclaim_policy="Retain" if args.protect else "Delete",
+            volume_binding_mode="WaitForFirstConsumer",
+            allow_volume_expansion=True,
+            opts=kept,
+        )
+        ports: list[k8s.core.v1.ServicePortArgsDict] = [
+            {"name": PORT_NAME, "port": REDIS_PORT, "target_port": PORT_NAME}
+        ]
+        k8s.core.v1.Service(
+            f"{name}-headless",
+            metadata={"name": HEADLESS_NAME, "namespace": args.namespace, "labels": labels},
+            spec={"cluster_ip": "None", "selector": selector, "ports": ports},
+            opts=child,
+        )
+        k8s.core.v1.Service(
+            f"{name}-service",
+            metadata={"name": REDIS_NAME, "namespace": args.namespace, "labels": labels},
+            spec={
+                "type": "ClusterIP",
+                "selector": selector,
+                "ports": [
+                    *ports,
+                    {
+                        "name": METRICS_PORT_NAME,
+                        "port": REDIS_EXPORTER_PORT,
+                        "target_port": METRICS_PORT_NAME,
+                    },
+                ],
+            },
+            opts=child,
+        )
+        k8s.apps.v1.StatefulSet(
+            f"{name}-statefulset",
+            metadata={"name": REDIS_NAME, "namespace": args.namespace, "labels": labels},
+            spec={
+                "service_name": HEADLESS_NAME,
+                "replicas": 1,
+                "selector": {"match_labels": selector},
+                "persistent_volume_claim_retention_policy": {
+                    "when_deleted": "Retain" if args.protect else "Delete",
+                    "when_scaled": "Retain",
+                },
+                "template": {
+                    "metadata": {
+                        "labels": labels,
+                        # a new config rolls the pod: Redis reads its file only at start
+                        "annotations": {
+                            "checksum/config": conf.apply(
+                                lambda text: hashlib.sha256(text.encode()).hexdigest()
+                            )
+                        },
+                    },
+                    "spec": _pod_spec(args),
+                },
+                "volume_claim_templates": [
+                    {
+                        "metadata": {"name": DATA_VOLUME, "labels": labels},
+                        "spec": {
+                            "access_modes": ["ReadWriteOnce"],
+                            "storage_class_name": storage.metadata.name,
+                            "resources": {"requests": {"storage": f"{args.volume_gib}Gi"}},
+                        },
+                    }
+                ],
+            },
+            opts=kept,
+        )
+        k8s.networking.v1.NetworkPolicy(
+            f"{name}-ingress",
+            metadata={"name": REDIS_NAME, "namespace": args.namespace, "labels": labels},
+            spec={
+                "pod_selector": {"match_labels": selector},
+                "policy_types": ["Ingress"],
+                "ingress": _ingress(args),
+            },
+            opts=child,
+        )
+
+        self.host = REDIS_NAME
+        self.port = REDIS_PORT
+        self.client_secret_name = client_secret.metadata.name
+        self.register_outputs(
+            {"host": self.host, "port": self.port, "client_secret_name": self.client_secret_name}
+        )
+
+
+def _ingress(args: RedisArgs) -> list[k8s.networking.v1.NetworkPolicyIngressRuleArgsDict]:
+    """Clients to the Redis port; the monitoring namespace's Prometheus to the exporter."""
+    clients: list[k8s.networking.v1.NetworkPolicyPeerArgsDict] = [
+        {"pod_selector": {"match_labels": {REDIS_CLIENT_LABEL: "true"}}}
+    ]
+    if args.webui_clients:
+        clients.append({"pod_selector": {"match_labels": {NAME_LABEL: WEBUI_NAME}}})
+    if args.engine_clients:
+        clients.append(
+            {
+                "pod_selector": {
+                    "match_labels": {COMPONENT_LABEL: ENGINE_COMPONENT},
+                    "match_expressions": [
+                        {
+                            "key": DEPLOYMENT_LABEL,
+                            "operator": "In",
+                            "values": sorted(args.engine_clients),
+                        }
+                    ],
+                }
+            }
+        )
+    prometheus: k8s.networking.v1.NetworkPolicyPeerArgsDict = {
+        "namespace_selector": {"match_labels": {NAMESPACE_NAME_LABEL: MONITORING_NAMESPACE}},
+        "pod_selector": {"match_labels": dict(PROMETHEUS_POD_LABELS)},
+    }
+    return [
+        {"from_": clients, "ports": [{"protocol": "TCP", "port": REDIS_PORT}]},
+        {"from_": [prometheus], "ports": [{"protocol": "TCP", "port": REDIS_EXPORTER_PORT}]},
+    ]
+
+
+def _pod_spec(args: RedisArgs) -> k8s.core.v1.PodSpecArgsDict:
+    memory = f"{redis_memory_mib(args.maxmemory_mib)}Mi"
+    hardened: k8s.core.v1.SecurityContextArgsDict = {
+        "allow_privilege_escalation": False,
+        "read_only_root_filesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    exporter_password: k8s.core.v1.EnvVarSourceArgsDict = {
+        "secret_key_ref": {"name": REDIS_CONFIG_SECRET, "key": EXPORTER_PASSWORD_ENTRY}
+    }
+    # redis-cli exits 0 even on NOAUTH or LOADING, so the probe compares the reply itself.
+    ping = (
+        f'test "$(redis-cli -p {REDIS_PORT} --user {EXPORTER_USER} --no-auth-warning ping)" = PONG'
+    )
+    redis: k8s.core.v1.ContainerArgsDict = {
+        "name": "redis",
+        "image": args.image,
+        # args, not command: the image's entrypoint still sets its umask before exec
+        "args": ["redis-server", f"{CONF_DIR}/{CONF_FILE}"],
+        "ports": [{"name": PORT_NAME, "container_port": REDIS_PORT}],
+        # redis-cli reads the password from REDISCLI_AUTH: the probe never shows it in ps
+        "env": [{"name": "REDISCLI_AUTH", "value_from": exporter_password}],
+        "volume_mounts": [
+            {"name": DATA_VOLUME, "mount_path": DATA_DIR},
+            {"name": CONF_VOLUME, "mount_path": CONF_DIR, "read_only": True},
+        ],
+        "resources": {"requests": {"cpu": "250m", "memory": memory}, "limits": {"memory": memory}},
+        # TCP for liveness: Redis listens (and answers LOADING) while it replays a large AOF
+        "liveness_probe": {
+            "tcp_socket": {"port": PORT_NAME},
+            "period_seconds": 20,
+            "failure_threshold": 6,
+        },
+        "readiness_probe": {
+            "exec_": {"command": ["sh", "-c", ping]},
+            "period_seconds": 10,
+            "timeout_seconds": 5,
+        },
+        "security_context": hardened,
+    }
+    exporter: k8s.core.v1.ContainerArgsDict = {
+        "name": "exporter",
+        "image": args.exporter_image,
+        "env": [
+            {"name": "REDIS_ADDR", "value": f"redis://127.0.0.1:{REDIS_PORT}"},
+            {"name": "REDIS_USER", "value": EXPORTER_USER},
+            {"name": "REDIS_PASSWORD", "value_from": exporter_password},
+            {"name": "REDIS_EXPORTER_WEB_LISTEN_ADDRESS", "value": f":{REDIS_EXPORTER_PORT}"},
+        ],
+        "ports": [{"name": METRICS_PORT_NAME, "container_port": REDIS_EXPORTER_PORT}],
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
+        "liveness_probe": {"http_get": {"path": "/health", "port": METRICS_PORT_NAME}},
+        "security_context": hardened,
+    }
+    return {
+        "node_selector": {NODE_ROLE_LABEL: SYSTEM_ROLE},
+        # a Service named "redis" would inject REDIS_PORT=tcp://... into every pod
+        "enable_service_links": False,
+        "security_context": {
+            "run_as_user": REDIS_UID,
+            "run_as_group": REDIS_UID,
+            "fs_group": REDIS_UID,
+            "run_as_non_root": True,
+            "fs_group_change_policy": "OnRootMismatch",
+            "seccomp_profile": {"type": "RuntimeDefault"},
+        },
+        "termination_grace_period_seconds": 30,
+        "containers": [redis, exporter],
+        "volumes": [
+            {
+                "name": CONF_VOLUME,
+                "secret": {"secret_name": REDIS_CONFIG_SECRET, "default_mode": 0o440},
+            }
+        ],
+    }

@@ -1,0 +1,1 @@
+"""The qwen-vl-serving policy pack (pulumi-policy): `pulumi preview --policy-pack policy`."""

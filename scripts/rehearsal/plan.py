@@ -1,0 +1,1239 @@
+"""What the rehearsal runs, as plain data: hosts, files, processes, endpoints, inventory.
+
+Every config and command line comes from the renderers and builders the cluster uses
+(components/*); this module only decides where they run and applies the differences
+listed in SUBSTITUTIONS, the one table of everything the rehearsal does differently
+(docs/rehearsal.md prints it; tests/unit/test_rehearsal_plan.py checks both that the
+docs match and that nothing else differs). Pure: nothing is started or written here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import secrets
+import string
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from components.alert_rules import build_alert_rules, render_alert_rules
+from components.gateway import GatewayArgs, build_pod_spec, build_start_script
+from components.monitoring import PROMETHEUS_SERVICE
+from components.naming import (
+    ENGINE_API_KEY_ENTRY,
+    GATEWAY_NAME,
+    GATEWAY_PORT,
+    GATEWAY_STATUS_PORT,
+    HF_TOKEN_ENTRY,
+    LWS_WORKER_INDEX_LABEL,
+    MASTER_PORT,
+    MONITORING_NAMESPACE,
+    NGINX_EXPORTER_PORT,
+    NODE_EXPORTER_PORT,
+    PROMETHEUS_PORT,
+    REDIS_EXPORTER_PORT,
+    REDIS_NAME,
+    REDIS_PORT,
+    VLLM_PORT,
+    leader_address,
+    leader_service_name,
+    lws_name,
+    service_host,
+)
+from components.nginx_conf import (
+    API_KEYS_FILE,
+    BLOCKED_PATHS,
+    CONF_DIR,
+    CONF_FILE,
+    ENGINE_AUTH_FILE,
+    HEALTH_PATH,
+    NginxPaths,
+    build_nginx_conf_args,
+    render_api_keys_map,
+    render_engine_auth,
+    render_nginx_conf,
+)
+from components.redis import RedisArgs
+from components.redis import _pod_spec as redis_pod_spec  # no public builder yet
+from components.redis_conf import EXPORTER_USER, RedisConf, render_redis_conf
+from components.scrape_config import (
+    JOB_NGINX,
+    JOB_NODE,
+    JOB_REDIS,
+    JOB_VLLM,
+    NODE,
+    ScrapeTarget,
+    leader_labels,
+    render_prometheus_config,
+)
+from components.time_sync import PHC_DEVICE, render_chrony_conf
+from components.vllm_command import (
+    LEADER,
+    LWS_LEADER_ADDRESS_ENV,
+    VLLM_EXECUTABLE,
+    WORKER,
+    Role,
+    expand_k8s_vars,
+    served_model_name,
+)
+from components.vllm_pods import build_pod_template
+from scripts.rehearsal import inventory as inv
+from scripts.rehearsal.netns import Network, netns_name, plan_network
+from stacks.catalog import instance_type, supports_phc
+from stacks.engines import spec_for
+from stacks.schema import DeploymentSettings, Settings
+
+REPO_ROOT: Final = Path(__file__).resolve().parents[2]
+STANDIN: Final = REPO_ROOT / "scripts" / "engine_standin.py"
+# The pods' images set PATH; the rehearsal's processes get the usual one of this machine.
+PROCESS_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Long enough for a 2-core machine to start every rank; short enough that a wrong
+# --master-port fails the rehearsal in seconds instead of the pods' startup budget.
+DEFAULT_JOIN_TIMEOUT_S: Final = 30.0
+SECRET_LENGTH: Final = 40  # stacks/secrets.py: RandomPassword(length=40, special=False)
+TIMESERVER: Final = "timeserver"
+SERVICES: Final = "services"
+CHRONYD_CMD_PORT: Final = 323  # chronyd's command port on the namespace's loopback
+NTP_PORT: Final = 123
+# nginx runs unprivileged, as in the gateway pod (uid 101 there; nobody here).
+NGINX_USER: Final = "nobody"
+NGINX_GROUP: Final = "nogroup"
+CHRONY_USER: Final = "_chrony"  # Debian's chronyd drops to it; it writes the drift file
+PHC_LINE: Final = re.compile(r"^refclock PHC.*\n", re.MULTILINE)
+
+Kind = Literal["gateway", "services", "engine", "timeserver"]
+
+
+# --------------------------------------------------------------------------- substitutions
+
+
+@dataclass(frozen=True)
+class Substitution:
+    """One difference between what the cluster runs and what the rehearsal runs."""
+
+    what: str
+    cluster: str
+    rehearsal: str
+    why: str
+
+
+SUBSTITUTIONS: Final[tuple[Substitution, ...]] = (
+    Substitution(
+        "hosts",
+        "EC2 nodes; pods on the VPC CNI",
+        "one network namespace per gateway replica, per engine pod, one for Redis + "
+        "Prometheus, one time server; a bridge in its own namespace, 10.231.0.0/24",
+        "one machine, no cloud",
+    ),
+    Substitution(
+        "groups per deployment",
+        "`replicas` LeaderWorkerSet groups",
+        "min(`replicas`, `--max-groups`) groups (default 1)",
+        "2 cores",
+    ),
+    Substitution(
+        "name resolution",
+        "CoreDNS: Services, LWS pod names",
+        "`/etc/netns/<ns>/hosts` with the same names (LWS leader and worker names, "
+        "`<deployment>-leader`, `redis`, `gateway`, `monitoring-prometheus` Service names)",
+        "no DNS server inside the rehearsal",
+    ),
+    Substitution(
+        "programs",
+        "container images (nginx 1.28, redis 7.4, redis_exporter, nginx-prometheus-exporter, "
+        "kube-prometheus-stack)",
+        "Debian bookworm packages: nginx 1.22, redis-server 7.0, prometheus 2.42, "
+        "prometheus-{nginx,redis,node}-exporter, chrony 4.3",
+        "what this machine can install",
+    ),
+    Substitution(
+        "`vllm` executable",
+        "`vllm` in the vLLM image",
+        "`python3 scripts/engine_standin.py --join-timeout S` (then the pod's argv from "
+        "`serve` on, unchanged)",
+        "no GPU: the stand-in checks the flags and forms the group, runs no inference",
+    ),
+    Substitution(
+        "engine `$(VAR)` expansion",
+        "kubelet expands `$(MASTER_ADDR)`, `$(NODE_RANK)` from the pod env; LWS injects "
+        "`LWS_LEADER_ADDRESS`, `LWS_GROUP_SIZE`",
+        "the rehearsal injects the same values and expands with the kubelet's rules "
+        "(`expand_k8s_vars`)",
+        "no kubelet",
+    ),
+    Substitution(
+        "engine downward API",
+        "`VLLM_HOST_IP` = `status.podIP`; worker `NODE_RANK` = the LWS worker-index label",
+        "`VLLM_HOST_IP` = the namespace's bridge address; `NODE_RANK` = the pod's rank",
+        "no API server",
+    ),
+    Substitution(
+        "engine join timeout",
+        "`VLLM_ENGINE_READY_TIMEOUT_S` = the startup budget (minutes)",
+        "the stand-in's `--join-timeout` (default 30 s); the env keeps the budget",
+        "a broken group must fail in seconds",
+    ),
+    Substitution(
+        "secrets",
+        "pulumi-random values in Kubernetes Secrets (`VLLM_API_KEY`, `HF_TOKEN`, the "
+        "gateway's key map and engine auth, Redis passwords)",
+        "fresh random values per run, in `<state dir>/secrets.json` (mode 0600) and "
+        "the files/env that reference them",
+        "no Pulumi state",
+    ),
+    Substitution(
+        "gateway upstreams",
+        "`server <deployment>-leader.<ns>.svc.cluster.local:8000 resolve` + "
+        "`include /run/gateway/resolver.conf`",
+        "`server <LWS leader name>:8000` per rehearsed group, no resolver include "
+        "(nginx_conf static mode)",
+        "bookworm's nginx 1.22 has no `resolve`",
+    ),
+    Substitution(
+        "gateway paths",
+        "`/etc/nginx/gateway/nginx.conf`, `/etc/nginx/gateway-secrets/`, `/run/gateway/`",
+        "`<state dir>/hosts/gateway-N/{nginx/nginx.conf,gateway-secrets/,run/}`",
+        "no container filesystem",
+    ),
+    Substitution(
+        "Redis paths",
+        "`/usr/local/etc/redis/redis.conf`, `dir /data` (EBS volume)",
+        "`<state dir>/hosts/services/redis/{redis.conf,data/}`",
+        "no container filesystem",
+    ),
+    Substitution(
+        "Prometheus discovery",
+        "kube-prometheus-stack: PodMonitors, Kubernetes discovery + relabelling; rules "
+        "from a PrometheusRule",
+        "static scrape config (`render_prometheus_config`) with the same jobs and labels, "
+        "no `dcgm-exporter` job; the same rules as a rule file (`render_alert_rules`)",
+        "no Kubernetes to discover from, no GPU",
+    ),
+    Substitution(
+        "chrony time server",
+        "`server 169.254.169.123` (Amazon Time Sync Service)",
+        "`server <time server namespace address>`: chronyd -x with `local stratum 8`",
+        "no AWS link-local endpoint",
+    ),
+    Substitution(
+        "chrony state and PHC",
+        "`driftfile /var/lib/chrony/drift`; `refclock PHC /dev/ptp_ena` where supported",
+        "`driftfile <state dir>/hosts/<host>/chrony/drift`; the PHC line removed, as the "
+        "node's boot script does when /dev/ptp_ena is missing",
+        "shared filesystem; no PTP device",
+    ),
+    Substitution(
+        "chronyd process",
+        "`chronyd` (systemd unit) reading /etc/chrony.conf",
+        "`chronyd -x -d 'include <rendered file>' 'pidfile …' 'bindcmdaddress /'`: never "
+        "adjusts the clock; own pid file; command port 323 on the namespace's loopback only",
+        "many chronyd on one machine must not touch its clock or each other",
+    ),
+    Substitution(
+        "kernel clock status",
+        "chronyd disciplines each node's kernel clock: `node_timex_sync_status` 1",
+        "one kernel clock for all namespaces, never touched (`-x`): node_exporter's "
+        "`node_timex_*` describe this machine, `NodeClockNotSynchronised` goes pending "
+        "(firing after 10 min) and the suite tolerates it; chrony's sync is checked "
+        "with `chronyc` instead",
+        "the kernel clock is not per namespace",
+    ),
+)
+
+
+# Alerts that a healthy rehearsal may fire, with why (see the "kernel clock status" row).
+TOLERATED_ALERTS: Final[Mapping[str, str]] = {
+    "NodeClockNotSynchronised": "node_timex_sync_status is this machine's one kernel clock, "
+    "which chronyd -x never marks synchronised"
+}
+
+
+def substitution_table() -> str:
+    """SUBSTITUTIONS as a Markdown table (docs/rehearsal.md carries exactly this text)."""
+    lines = ["| what | cluster | rehearsal | why |", "| --- | --- | --- | --- |"]
+    lines += [f"| {s.what} | {s.cluster} | {s.rehearsal} | {s.why} |" for s in SUBSTITUTIONS]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+@dataclass(frozen=True)
+class RunSecrets:
+    """This run's credentials (never printed, except one gateway key in the endpoint table)."""
+
+    engine_api_key: str
+    client_api_keys: Mapping[str, str]  # gateway key id -> key
+    redis_app_password: str
+    redis_exporter_password: str
+    redis_admin_password: str
+    hf_token: str
+
+    @property
+    def gateway_key_id(self) -> str:
+        return next(iter(self.client_api_keys))
+
+    @property
+    def gateway_api_key(self) -> str:
+        return self.client_api_keys[self.gateway_key_id]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "gateway_key_id": self.gateway_key_id,
+            "gateway_api_key": self.gateway_api_key,
+            "client_api_keys": dict(self.client_api_keys),
+            "engine_api_key": self.engine_api_key,
+            "redis_app_password": self.redis_app_password,
+            "redis_exporter_password": self.redis_exporter_password,
+            "redis_admin_password": self.redis_admin_password,
+        }
+
+
+def _random_password() -> str:
+    alphabet = string.ascii_letters + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(SECRET_LENGTH))
+
+
+def generate_secrets(settings: Settings) -> RunSecrets:
+    return RunSecrets(
+        engine_api_key=_random_password(),
+        client_api_keys={key_id: _random_password() for key_id in settings.gateway.api_key_ids},
+        redis_app_password=_random_password(),
+        redis_exporter_password=_random_password(),
+        redis_admin_password=_random_password(),
+        hf_token=_random_password(),
+    )
+
+
+# --------------------------------------------------------------------------- plan data
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    path: Path
+    text: str
+    mode: int = 0o644
+    owner: str | None = None  # user name; group is the user's primary group
+
+
+@dataclass(frozen=True)
+class Ready:
+    """When a process counts as up: its listening ports (in its namespace), an HTTP GET."""
+
+    tcp: tuple[int, ...] = ()
+    udp: tuple[int, ...] = ()
+    connects: int | None = None  # an established connection to this remote port
+    http: str | None = None
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    name: str  # unique; also its log file name
+    host: str  # the host (role) it runs on
+    program: str  # short label for progress lines
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    stage: int  # started in stage order, every process of a stage at once
+    ready: Ready = Ready()
+    pod: str | None = None  # engine pods: the LWS pod name
+    log_owner: str | None = None  # a process that reopens /dev/stdout as this user
+    note: str = ""  # shown in its progress line (e.g. a corruption)
+
+
+# Processes start stage by stage, each stage once the previous one is ready. The nginx
+# exporter exits when nginx does not answer yet (in the pod, the kubelet restarts it).
+STAGES: Final = ("time", "services and engines", "gateways", "gateway exporters", "prometheus")
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    role: str  # the namespace's role part and the host's name
+    kind: Kind
+    names: tuple[str, ...]  # host names in the shared hosts file (role first)
+    node: bool = True  # a simulated node: chronyd + node exporter
+    phc: bool = False  # its instance type supports the ENA PTP clock
+
+
+@dataclass(frozen=True)
+class EnginePod:
+    deployment: DeploymentSettings
+    group: int
+    rank: int
+
+    @property
+    def role(self) -> Role:
+        return LEADER if self.rank == 0 else WORKER
+
+    @property
+    def name(self) -> str:
+        """The LWS pod name: `<lws>-<group>` for the leader, `<lws>-<group>-<rank>` else."""
+        base = f"{lws_name(self.deployment.name)}-{self.group}"
+        return base if self.rank == 0 else f"{base}-{self.rank}"
+
+
+@dataclass(frozen=True)
+class Corruption:
+    """A test hook: replace the value after `flag` in one pod's command line."""
+
+    pod: str
+    flag: str
+    value: str
+
+    @classmethod
+    def parse(cls, text: str) -> Corruption:
+        match = re.fullmatch(r"([a-z0-9-]+):(--[a-z0-9-]+)=(.*)", text)
+        if not match:
+            raise PlanError(f"--corrupt {text!r}: expected POD:--FLAG=VALUE")
+        return cls(match[1], match[2], match[3])
+
+    def __str__(self) -> str:
+        return f"{self.pod}:{self.flag}={self.value}"
+
+
+class PlanError(ValueError):
+    """A rehearsal that cannot be planned (bad option, a pod the stack does not have)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a rehearsal keeps its state, files and logs."""
+
+    state_dir: Path
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / "state.json"
+
+    @property
+    def inventory(self) -> Path:
+        return self.state_dir / "inventory.json"
+
+    @property
+    def secrets(self) -> Path:
+        return self.state_dir / "secrets.json"
+
+    @property
+    def hosts(self) -> Path:
+        return self.state_dir / "hosts"
+
+    def host(self, role: str) -> Path:
+        return self.hosts / role
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    what: str
+    address: str
+    netns: str
+    example: str  # a command that reaches it from inside the rehearsal
+
+
+@dataclass(frozen=True)
+class RehearsalPlan:
+    run: str
+    stack: str
+    network: Network
+    hosts: tuple[HostPlan, ...]
+    files: tuple[FileSpec, ...]
+    processes: tuple[ProcessSpec, ...]
+    endpoints: tuple[Endpoint, ...]
+    inventory: Mapping[str, Any]
+    directories: tuple[tuple[Path, str | None], ...] = field(default=())  # (dir, owner)
+
+    def netns(self, role: str) -> str:
+        return netns_name(self.run, role)
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class Options:
+    run: str
+    layout: Layout
+    max_groups: int = 1
+    join_timeout: float = DEFAULT_JOIN_TIMEOUT_S
+    corruptions: tuple[Corruption, ...] = ()
+    config_hash: str = ""  # stacks.verification.config_hash of the stack file
+
+
+def rehearsed_groups(d: DeploymentSettings, max_groups: int) -> range:
+    return range(min(d.replicas, max_groups))
+
+
+def engine_pods(settings: Settings, max_groups: int) -> list[EnginePod]:
+    return [
+        EnginePod(d, group, rank)
+        for d in settings.serving.deployments
+        for group in rehearsed_groups(d, max_groups)
+        for rank in range(d.nodes_per_group)
+    ]
+
+
+def plan_rehearsal(settings: Settings, secrets_: RunSecrets, options: Options) -> RehearsalPlan:
+    if options.max_groups < 1:
+        raise PlanError(f"--max-groups {options.max_groups}: at least one group is needed")
+    pods = engine_pods(settings, options.max_groups)
+    hosts = _hosts(settings, pods)
+    network = plan_network(options.run, [(h.role, h.names) for h in hosts])
+    ctx = _Context(settings, secrets_, options, network, hosts, pods)
+    files = [*_gateway_files(ctx), *_services_files(ctx), *_chrony_files(ctx)]
+    processes = [
+        *_chrony_processes(ctx),
+        *_node_exporters(ctx),
+        *_services_processes(ctx),
+        *_engine_processes(ctx),
+        *_gateway_processes(ctx),
+    ]
+    _check_corruptions(options.corruptions, pods)
+    return RehearsalPlan(
+        run=options.run,
+        stack=settings.stack,
+        network=network,
+        hosts=tuple(hosts),
+        files=tuple(files),
+        processes=tuple(processes),
+        endpoints=tuple(_endpoints(ctx)),
+        inventory=_inventory(ctx),
+        directories=tuple(_directories(ctx)),
+    )
+
+
+@dataclass(frozen=True)
+class _Context:
+    settings: Settings
+    secrets: RunSecrets
+    options: Options
+    network: Network
+    hosts: Sequence[HostPlan]
+    pods: Sequence[EnginePod]
+
+    @property
+    def namespace(self) -> str:
+        return self.settings.serving.namespace
+
+    def address(self, role: str) -> str:
+        return str(self.network.host(netns_name(self.options.run, role)).address)
+
+    def dir(self, role: str) -> Path:
+        return self.options.layout.host(role)
+
+    def of_kind(self, kind: Kind) -> list[HostPlan]:
+        return [h for h in self.hosts if h.kind == kind]
+
+
+def gateway_role(index: int) -> str:
+    return f"{GATEWAY_NAME}-{index}"
+
+
+def _hosts(settings: Settings, pods: Sequence[EnginePod]) -> list[HostPlan]:
+    ns = settings.serving.namespace
+    system = instance_type(settings.system_nodes.instance_type)
+    system_phc = system is not None and supports_phc(system, settings.region)
+    hosts = [HostPlan(TIMESERVER, "timeserver", (TIMESERVER,), node=False)]
+    for i in range(settings.gateway.replicas):
+        service = (service_host(GATEWAY_NAME, ns),) if i == 0 else ()
+        hosts.append(
+            HostPlan(gateway_role(i), "gateway", (gateway_role(i), *service), True, system_phc)
+        )
+    services = [SERVICES]
+    if settings.redis.enabled:
+        services.append(service_host(REDIS_NAME, ns))
+    if settings.monitoring.enabled:
+        services.append(service_host(PROMETHEUS_SERVICE, MONITORING_NAMESPACE))
+    hosts.append(HostPlan(SERVICES, "services", tuple(services), True, system_phc))
+    for pod in pods:
+        hosts.append(
+            HostPlan(pod.name, "engine", _pod_names(pod, ns), True, _gpu_phc(settings, pod))
+        )
+    return hosts
+
+
+def _pod_names(pod: EnginePod, namespace: str) -> tuple[str, ...]:
+    d = pod.deployment
+    lws = lws_name(d.name)
+    if pod.rank > 0:
+        return (pod.name, f"{pod.name}.{lws}.{namespace}")
+    names = [pod.name, leader_address(d.name, namespace, pod.group)]
+    if pod.group == 0:
+        # One address per name in a hosts file: the headless Service names the first leader.
+        names.append(service_host(leader_service_name(d.name), namespace))
+    return tuple(names)
+
+
+def _gpu_phc(settings: Settings, pod: EnginePod) -> bool:
+    found = instance_type(settings.node_group(pod.deployment.node_group).instance_type)
+    return found is not None and supports_phc(found, settings.region)
+
+
+# --------------------------------------------------------------------------- gateway
+
+
+def gateway_paths(layout: Layout, role: str) -> NginxPaths:
+    base = layout.host(role)
+    return NginxPaths(secrets_dir=str(base / "gateway-secrets"), runtime_dir=str(base / "run"))
+
+
+def gateway_conf_path(layout: Layout, role: str) -> Path:
+    return layout.host(role) / "nginx" / CONF_FILE
+
+
+def static_upstreams(settings: Settings, max_groups: int) -> dict[str, list[str]]:
+    """Each deployment's rehearsed leaders by LWS name (the cluster's Service resolves to them)."""
+    ns = settings.serving.namespace
+    return {
+        d.name: [
+            f"{leader_address(d.name, ns, g)}:{VLLM_PORT}" for g in rehearsed_groups(d, max_groups)
+        ]
+        for d in settings.serving.deployments
+    }
+
+
+def render_rehearsal_nginx_conf(
+    settings: Settings, layout: Layout, role: str, max_groups: int
+) -> str:
+    args = build_nginx_conf_args(
+        settings,
+        mode="static",
+        static_addresses=static_upstreams(settings, max_groups),
+        paths=gateway_paths(layout, role),
+    )
+    return render_nginx_conf(args)
+
+
+def _gateway_files(ctx: _Context) -> list[FileSpec]:
+    files: list[FileSpec] = []
+    for host in ctx.of_kind("gateway"):
+        paths = gateway_paths(ctx.options.layout, host.role)
+        conf = render_rehearsal_nginx_conf(
+            ctx.settings, ctx.options.layout, host.role, ctx.options.max_groups
+        )
+        secrets_dir = Path(paths.secrets_dir)
+        files += [
+            FileSpec(gateway_conf_path(ctx.options.layout, host.role), conf),
+            # The pod mounts the Secret with mode 0440, readable by nginx's group only.
+            FileSpec(
+                secrets_dir / API_KEYS_FILE,
+                render_api_keys_map(ctx.secrets.client_api_keys),
+                0o440,
+                NGINX_USER,
+            ),
+            FileSpec(
+                secrets_dir / ENGINE_AUTH_FILE,
+                render_engine_auth(ctx.secrets.engine_api_key),
+                0o440,
+                NGINX_USER,
+            ),
+        ]
+    return files
+
+
+def nginx_argv(settings: Settings, conf: Path) -> tuple[str, ...]:
+    """The gateway pod's `exec nginx ...` line (build_start_script) with the rehearsal's path."""
+    exec_line = build_start_script(build_nginx_conf_args(settings)).splitlines()[-1]
+    words = exec_line.split()
+    if words[:1] != ["exec"] or words[-1] != f"{CONF_DIR}/{CONF_FILE}":
+        raise PlanError(f"unexpected gateway start line: {exec_line!r}")
+    return (*words[1:-1], str(conf))
+
+
+def gateway_exporter_argv(settings: Settings) -> tuple[str, ...]:
+    """The exporter sidecar's args, from the gateway pod spec the cluster gets."""
+    args = GatewayArgs(
+        namespace=settings.serving.namespace,
+        conf=build_nginx_conf_args(settings),
+        replicas=settings.gateway.replicas,
+        image=settings.gateway.image,
+        exporter_image=settings.gateway.exporter_image,
+        client_api_keys={},
+        engine_api_key="",
+        scheme=settings.gateway.scheme,
+    )
+    exporter = _containers(build_pod_spec(args, {}))["exporter"]
+    return ("prometheus-nginx-exporter", *exporter.get("args", []))
+
+
+def _containers(pod_spec: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """A pod spec's containers by name (the pod builders return plain dicts)."""
+    return {str(c["name"]): dict(c) for c in pod_spec["containers"]}
+
+
+def _gateway_processes(ctx: _Context) -> list[ProcessSpec]:
+    out: list[ProcessSpec] = []
+    drop = ("setpriv", f"--reuid={NGINX_USER}", f"--regid={NGINX_GROUP}", "--clear-groups")
+    for host in ctx.of_kind("gateway"):
+        conf = gateway_conf_path(ctx.options.layout, host.role)
+        out += [
+            ProcessSpec(
+                name=f"{host.role}-nginx",
+                host=host.role,
+                program="nginx",
+                argv=(*drop, *nginx_argv(ctx.settings, conf)),
+                env=_base_env(),
+                stage=2,
+                ready=Ready(
+                    tcp=(GATEWAY_PORT, GATEWAY_STATUS_PORT),
+                    http=f"http://127.0.0.1:{GATEWAY_PORT}{HEALTH_PATH}",
+                ),
+                log_owner=NGINX_USER,  # access_log /dev/stdout is reopened by the nobody user
+            ),
+            ProcessSpec(
+                name=f"{host.role}-nginx-exporter",
+                host=host.role,
+                program="nginx-exporter",
+                argv=gateway_exporter_argv(ctx.settings),
+                env=_base_env(),
+                stage=3,
+                ready=Ready(tcp=(NGINX_EXPORTER_PORT,)),
+            ),
+        ]
+    return out
+
+
+# --------------------------------------------------------------------------- services
+
+
+def redis_dir(layout: Layout) -> Path:
+    return layout.host(SERVICES) / "redis"
+
+
+def redis_conf(settings: Settings, secrets_: RunSecrets, data_dir: str) -> RedisConf:
+    r = settings.redis
+    return RedisConf(
+        app_password=secrets_.redis_app_password,
+        exporter_password=secrets_.redis_exporter_password,
+        admin_password=secrets_.redis_admin_password,
+        maxmemory_mib=r.maxmemory_mib,
+        maxmemory_policy=r.maxmemory_policy,
+        appendfsync=r.appendfsync,
+        data_dir=data_dir,
+    )
+
+
+def prometheus_dir(layout: Layout) -> Path:
+    return layout.host(SERVICES) / "prometheus"
+
+
+def scrape_targets(ctx: _Context) -> dict[str, list[ScrapeTarget]]:
+    ns = ctx.namespace
+    leaders = [p for p in ctx.pods if p.rank == 0]
+    targets: dict[str, list[ScrapeTarget]] = {
+        JOB_VLLM: [
+            ScrapeTarget(
+                f"{leader_address(p.deployment.name, ns, p.group)}:{VLLM_PORT}",
+                leader_labels(p.deployment.name, p.deployment.model, p.group),
+            )
+            for p in leaders
+        ],
+        JOB_NGINX: [
+            ScrapeTarget(f"{h.role}:{NGINX_EXPORTER_PORT}") for h in ctx.of_kind("gateway")
+        ],
+        JOB_NODE: [
+            ScrapeTarget(f"{h.role}:{NODE_EXPORTER_PORT}", {NODE: h.role})
+            for h in ctx.hosts
+            if h.node
+        ],
+    }
+    if ctx.settings.redis.enabled:
+        targets[JOB_REDIS] = [ScrapeTarget(f"{service_host(REDIS_NAME, ns)}:{REDIS_EXPORTER_PORT}")]
+    return targets
+
+
+def _services_files(ctx: _Context) -> list[FileSpec]:
+    files: list[FileSpec] = []
+    layout = ctx.options.layout
+    if ctx.settings.redis.enabled:
+        conf = redis_conf(ctx.settings, ctx.secrets, str(redis_dir(layout) / "data"))
+        files.append(FileSpec(redis_dir(layout) / "redis.conf", render_redis_conf(conf), 0o600))
+    if ctx.settings.monitoring.enabled:
+        rules = prometheus_dir(layout) / "rules.yml"
+        files += [
+            FileSpec(rules, render_alert_rules(ctx.settings)),
+            FileSpec(
+                prometheus_dir(layout) / "prometheus.yml",
+                render_prometheus_config(
+                    scrape_targets(ctx),
+                    rule_files=[str(rules)],
+                    scrape_interval_seconds=ctx.settings.monitoring.scrape_interval_seconds,
+                ),
+            ),
+        ]
+    return files
+
+
+def redis_containers(settings: Settings, secrets_: RunSecrets) -> dict[str, dict[str, Any]]:
+    """The Redis pod's containers as the cluster gets them (by name)."""
+    r = settings.redis
+    args = RedisArgs(
+        namespace=settings.serving.namespace,
+        image=r.image,
+        exporter_image=r.exporter_image,
+        maxmemory_mib=r.maxmemory_mib,
+        maxmemory_policy=r.maxmemory_policy,
+        appendfsync=r.appendfsync,
+        volume_gib=r.volume_gib,
+        app_password=secrets_.redis_app_password,
+        exporter_password=secrets_.redis_exporter_password,
+        admin_password=secrets_.redis_admin_password,
+        webui_clients=False,
+        engine_clients=(),
+        protect=False,
+    )
+    return _containers(redis_pod_spec(args))
+
+
+def redis_exporter_env(settings: Settings, secrets_: RunSecrets) -> dict[str, str]:
+    """The exporter sidecar's env with its Secret reference filled in."""
+    env: dict[str, str] = {}
+    for var in redis_containers(settings, secrets_)["exporter"]["env"]:
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        elif var["value_from"]["secret_key_ref"]["key"] == "exporter-password":
+            env[var["name"]] = secrets_.redis_exporter_password
+        else:
+            raise PlanError(f"redis exporter env {var['name']}: unknown Secret reference")
+    return env
+
+
+def _services_processes(ctx: _Context) -> list[ProcessSpec]:
+    out: list[ProcessSpec] = []
+    layout = ctx.options.layout
+    if ctx.settings.redis.enabled:
+        server = redis_containers(ctx.settings, ctx.secrets)["redis"]["args"]
+        out += [
+            ProcessSpec(
+                name="redis",
+                host=SERVICES,
+                program="redis-server",
+                # The pod's args with the config file where the rehearsal put it.
+                argv=(server[0], str(redis_dir(layout) / "redis.conf")),
+                env=_base_env(),
+                stage=1,
+                ready=Ready(tcp=(REDIS_PORT,)),
+            ),
+            ProcessSpec(
+                name="redis-exporter",
+                host=SERVICES,
+                program="redis-exporter",
+                argv=("prometheus-redis-exporter",),
+                env=_base_env() | redis_exporter_env(ctx.settings, ctx.secrets),
+                stage=1,
+                ready=Ready(tcp=(REDIS_EXPORTER_PORT,)),
+            ),
+        ]
+    if ctx.settings.monitoring.enabled:
+        base = prometheus_dir(layout)
+        out.append(
+            ProcessSpec(
+                name="prometheus",
+                host=SERVICES,
+                program="prometheus",
+                argv=(
+                    "prometheus",
+                    f"--config.file={base / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={base / 'data'}",
+                    f"--web.listen-address=:{PROMETHEUS_PORT}",
+                ),
+                env=_base_env(),
+                stage=4,
+                ready=Ready(
+                    tcp=(PROMETHEUS_PORT,), http=f"http://127.0.0.1:{PROMETHEUS_PORT}/-/ready"
+                ),
+            )
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- chrony
+
+
+def chrony_dir(layout: Layout, role: str) -> Path:
+    return layout.host(role) / "chrony"
+
+
+def render_node_chrony_conf(phc: bool, server: str, state_dir: str) -> str:
+    """What the node's chrony.conf is here: rendered for the rehearsal's time server."""
+    return render_chrony_conf(phc=phc, server=server, state_dir=state_dir)
+
+
+def without_phc(text: str) -> str:
+    """The node boot script's `sed '/^refclock PHC/d'`, applied when /dev/ptp_ena is missing."""
+    return PHC_LINE.sub("", text)
+
+
+def timeserver_conf(subnet: ipaddress.IPv4Network, state_dir: Path) -> str:
+    return "\n".join(
+        [
+            "# The rehearsal's time server (not a cluster file): chronyd -x serves its own",
+            "# clock at stratum 8 to the rehearsal's namespaces and never adjusts it.",
+            "local stratum 8",
+            f"allow {subnet}",
+            f"pidfile {state_dir}/chronyd.pid",
+            "bindcmdaddress /",
+            "",
+        ]
+    )
+
+
+def _chrony_files(ctx: _Context) -> list[FileSpec]:
+    layout = ctx.options.layout
+    server = ctx.address(TIMESERVER)
+    files = [
+        FileSpec(
+            chrony_dir(layout, TIMESERVER) / "chrony.conf",
+            timeserver_conf(ctx.network.subnet, chrony_dir(layout, TIMESERVER)),
+        )
+    ]
+    for host in ctx.hosts:
+        if host.node:
+            state = chrony_dir(layout, host.role)
+            text = render_node_chrony_conf(host.phc, server, str(state))
+            files.append(FileSpec(state / "chrony.conf", without_phc(text)))
+    return files
+
+
+def chronyd_argv(conf: Path, state_dir: Path) -> tuple[str, ...]:
+    return (
+        "chronyd",
+        "-x",  # never touch this machine's clock
+        "-d",  # foreground, log to stderr
+        f"include {conf}",
+        f"pidfile {state_dir}/chronyd.pid",
+        "bindcmdaddress /",  # no Unix socket in the shared /run; UDP 323 on loopback stays
+    )
+
+
+def _chrony_processes(ctx: _Context) -> list[ProcessSpec]:
+    layout = ctx.options.layout
+    ts_dir = chrony_dir(layout, TIMESERVER)
+    out = [
+        ProcessSpec(
+            name="timeserver-chronyd",
+            host=TIMESERVER,
+            program="chronyd (time server)",
+            argv=("chronyd", "-x", "-d", "-f", str(ts_dir / "chrony.conf")),
+            env=_base_env(),
+            stage=0,
+            ready=Ready(udp=(NTP_PORT,)),
+        )
+    ]
+    for host in ctx.hosts:
+        if host.node:
+            state = chrony_dir(layout, host.role)
+            out.append(
+                ProcessSpec(
+                    name=f"{host.role}-chronyd",
+                    host=host.role,
+                    program="chronyd",
+                    argv=chronyd_argv(state / "chrony.conf", state),
+                    env=_base_env(),
+                    stage=0,
+                    ready=Ready(udp=(CHRONYD_CMD_PORT,)),
+                )
+            )
+    return out
+
+
+def _node_exporters(ctx: _Context) -> list[ProcessSpec]:
+    return [
+        ProcessSpec(
+            name=f"{host.role}-node-exporter",
+            host=host.role,
+            program="node-exporter",
+            argv=("prometheus-node-exporter", f"--web.listen-address=:{NODE_EXPORTER_PORT}"),
+            env=_base_env(),
+            stage=0,
+            ready=Ready(tcp=(NODE_EXPORTER_PORT,)),
+        )
+        for host in ctx.hosts
+        if host.node
+    ]
+
+
+# --------------------------------------------------------------------------- engines
+
+
+def pod_container(settings: Settings, pod: EnginePod) -> dict[str, Any]:
+    """The engine container exactly as the LeaderWorkerSet template gives it to the pod."""
+    spec = spec_for(settings, pod.deployment)
+    return build_pod_template(spec, pod.role)["spec"]["containers"][0]
+
+
+def pod_env(
+    settings: Settings, pod: EnginePod, host_ip: str, secrets_: RunSecrets
+) -> dict[str, str]:
+    """The container env as the pod sees it: LWS's injected vars first, then each entry in
+    order with `$(VAR)` expanded, downward-API fields and Secret references filled in."""
+    d = pod.deployment
+    env = {
+        LWS_LEADER_ADDRESS_ENV: leader_address(d.name, settings.serving.namespace, pod.group),
+        "LWS_GROUP_SIZE": str(d.nodes_per_group),
+    }
+    fields = {
+        "status.podIP": host_ip,
+        f"metadata.labels['{LWS_WORKER_INDEX_LABEL}']": str(pod.rank),
+    }
+    secret_values = {
+        ENGINE_API_KEY_ENTRY: secrets_.engine_api_key,
+        HF_TOKEN_ENTRY: secrets_.hf_token,
+    }
+    for var in pod_container(settings, pod)["env"]:
+        name = var["name"]
+        if "value" in var:
+            env[name] = expand_k8s_vars(var["value"], env)
+        elif "fieldRef" in var["valueFrom"]:
+            env[name] = fields[var["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            key = var["valueFrom"]["secretKeyRef"]["key"]
+            if key not in secret_values:
+                raise PlanError(f"pod {pod.name}: env {name} needs Secret key {key!r}")
+            env[name] = secret_values[key]
+    return env
+
+
+def pod_argv(settings: Settings, pod: EnginePod, env: Mapping[str, str]) -> list[str]:
+    """The pod's command after the kubelet's `$(VAR)` expansion."""
+    return [expand_k8s_vars(arg, env) for arg in pod_container(settings, pod)["command"]]
+
+
+def standin_argv(vllm_argv: Sequence[str], join_timeout: float) -> tuple[str, ...]:
+    if vllm_argv[:1] != [VLLM_EXECUTABLE]:
+        raise PlanError(f"expected a `{VLLM_EXECUTABLE}` command, got {list(vllm_argv[:2])}")
+    return ("python3", str(STANDIN), "--join-timeout", f"{join_timeout:g}", *vllm_argv[1:])
+
+
+def corrupt(argv: Sequence[str], c: Corruption) -> list[str]:
+    out = list(argv)
+    if c.flag not in out[:-1]:
+        raise PlanError(f"--corrupt {c}: pod {c.pod} has no {c.flag} in its command line")
+    out[out.index(c.flag) + 1] = c.value
+    return out
+
+
+def _check_corruptions(corruptions: Iterable[Corruption], pods: Sequence[EnginePod]) -> None:
+    names = [p.name for p in pods]
+    for c in corruptions:
+        if c.pod not in names:
+            raise PlanError(f"--corrupt {c}: no engine pod {c.pod!r} (pods: {', '.join(names)})")
+
+
+def _engine_processes(ctx: _Context) -> list[ProcessSpec]:
+    out: list[ProcessSpec] = []
+    # Workers first: a rank that cannot join then reports its own error before the leader
+    # gives up waiting for it.
+    for pod in sorted(ctx.pods, key=lambda p: p.rank == 0):
+        env = pod_env(ctx.settings, pod, ctx.address(pod.name), ctx.secrets)
+        argv = pod_argv(ctx.settings, pod, env)
+        notes = []
+        for c in ctx.options.corruptions:
+            if c.pod == pod.name:
+                argv = corrupt(argv, c)
+                notes.append(f"corrupted: {c.flag} {c.value}")
+        leader = pod.rank == 0
+        out.append(
+            ProcessSpec(
+                name=f"{pod.name}-engine",
+                host=pod.name,
+                program="engine leader" if leader else f"engine worker rank {pod.rank}",
+                argv=standin_argv(argv, ctx.options.join_timeout),
+                env=_base_env() | env,
+                stage=1,
+                ready=Ready(tcp=(VLLM_PORT,)) if leader else Ready(connects=MASTER_PORT),
+                pod=pod.name,
+                note="; ".join(notes),
+            )
+        )
+    return out
+
+
+def _base_env() -> dict[str, str]:
+    return {"PATH": PROCESS_PATH, "LANG": "C.UTF-8"}
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+def _endpoints(ctx: _Context) -> list[Endpoint]:
+    run, ns = ctx.options.run, ctx.namespace
+    gw = gateway_role(0)
+    gw_ns = netns_name(run, gw)
+    default = served_model_name(ctx.settings.default_deployment)
+    chat = (
+        f"ip netns exec {gw_ns} curl -s http://127.0.0.1:{GATEWAY_PORT}/v1/chat/completions "
+        f"-H 'Authorization: Bearer <API key>' -H 'Content-Type: application/json' "
+        f"""-d '{{"model": "{default}", "messages": [{{"role": "user", "content": "hi"}}]}}'"""
+    )
+    out = [
+        Endpoint(
+            "gateway",
+            f"http://{ctx.address(gw)}:{GATEWAY_PORT} ({service_host(GATEWAY_NAME, ns)})",
+            gw_ns,
+            chat,
+        ),
+    ]
+    services = netns_name(run, SERVICES)
+    if ctx.settings.monitoring.enabled:
+        out.append(
+            Endpoint(
+                "prometheus",
+                f"http://{ctx.address(SERVICES)}:{PROMETHEUS_PORT}",
+                services,
+                f"ip netns exec {services} curl -s http://127.0.0.1:{PROMETHEUS_PORT}/api/v1/targets",
+            )
+        )
+    if ctx.settings.redis.enabled:
+        out.append(
+            Endpoint(
+                "redis",
+                f"{ctx.address(SERVICES)}:{REDIS_PORT} ({service_host(REDIS_NAME, ns)}, user app)",
+                services,
+                f"ip netns exec {services} redis-cli --user app --askpass "
+                f"(password: redis_app_password in {ctx.options.layout.secrets})",
+            )
+        )
+    for pod in ctx.pods:
+        if pod.rank == 0:
+            out.append(
+                Endpoint(
+                    f"engine {pod.name}",
+                    f"http://{ctx.address(pod.name)}:{VLLM_PORT}",
+                    netns_name(run, pod.name),
+                    f"ip netns exec {netns_name(run, pod.name)} curl -s http://127.0.0.1:{VLLM_PORT}/metrics",
+                )
+            )
+    return out
+
+
+# --------------------------------------------------------------------------- inventory
+
+
+def _inventory(ctx: _Context) -> dict[str, Any]:
+    """The host list tests/infra runs against (scripts/verify.py --target rehearsal)."""
+    hosts = []
+    for host in ctx.hosts:
+        roles = _roles(ctx, host)
+        if roles:
+            hosts.append(
+                {
+                    "name": host.role,
+                    "spec": "local://",
+                    "netns": netns_name(ctx.options.run, host.role),
+                    "address": ctx.address(host.role),
+                    "roles": roles,
+                }
+            )
+    return {
+        "version": inv.VERSION,
+        "target": "rehearsal",
+        "stack": ctx.settings.stack,
+        "config_hash": ctx.options.config_hash,
+        "run": ctx.options.run,
+        "secrets_file": str(ctx.options.layout.secrets),
+        "hosts": hosts,
+        "endpoints": [asdict(e) for e in _endpoints(ctx)],
+    }
+
+
+def _roles(ctx: _Context, host: HostPlan) -> dict[str, dict[str, Any]]:
+    roles: dict[str, dict[str, Any]] = {}
+    if host.node:
+        roles[inv.NODE] = node_vars(
+            conf_path=str(chrony_dir(ctx.options.layout, host.role) / "chrony.conf"),
+            conf=render_node_chrony_conf(
+                host.phc, ctx.address(TIMESERVER), str(chrony_dir(ctx.options.layout, host.role))
+            ),
+            chronyc=["-h", "127.0.0.1"],
+            sources=[ctx.address(TIMESERVER)],
+        )
+    if host.kind == "gateway":
+        roles[inv.GATEWAY] = gateway_vars(ctx.settings, "http://127.0.0.1") | {"stand_in": True}
+    elif host.kind == "services":
+        roles |= _services_roles(ctx)
+    elif host.kind == "engine":
+        pod = next(p for p in ctx.pods if p.name == host.role)
+        roles |= engine_roles(ctx.settings, pod, "http://127.0.0.1")
+    return roles
+
+
+def node_vars(
+    *, conf_path: str, conf: str, chronyc: list[str], sources: list[str]
+) -> dict[str, Any]:
+    return {
+        "chrony_conf_path": conf_path,
+        "chrony_conf": conf,  # as rendered; the PHC line goes where /dev/ptp_ena is missing
+        "phc_device": PHC_DEVICE,
+        "chronyc": chronyc,
+        "time_sources": sources,
+        "node_exporter_port": NODE_EXPORTER_PORT,
+    }
+
+
+def gateway_vars(settings: Settings, base_url: str) -> dict[str, Any]:
+    return {
+        "url": f"{base_url}:{GATEWAY_PORT}",
+        "port": GATEWAY_PORT,
+        "status_port": GATEWAY_STATUS_PORT,
+        "exporter_port": NGINX_EXPORTER_PORT,
+        "model": served_model_name(settings.default_deployment),
+        "deployments": {d.name: served_model_name(d) for d in settings.serving.deployments},
+        "blocked_paths": list(BLOCKED_PATHS),
+        "max_body_mib": settings.gateway.client_max_body_size_mib,
+    }
+
+
+def engine_roles(settings: Settings, pod: EnginePod, base_url: str) -> dict[str, dict[str, Any]]:
+    d = pod.deployment
+    common = {
+        "deployment": d.name,
+        "model": d.model,
+        "served_model_name": served_model_name(d),
+        "nnodes": d.nodes_per_group,
+        "master_port": MASTER_PORT,
+        "port": VLLM_PORT,
+    }
+    if pod.rank == 0:
+        return {inv.ENGINE_LEADER: common | {"url": f"{base_url}:{VLLM_PORT}"}}
+    master = leader_address(d.name, settings.serving.namespace, pod.group)
+    return {inv.ENGINE_WORKER: common | {"rank": pod.rank, "master_addr": master}}
+
+
+def _services_roles(ctx: _Context) -> dict[str, dict[str, Any]]:
+    roles: dict[str, dict[str, Any]] = {}
+    if ctx.settings.redis.enabled:
+        roles[inv.REDIS] = {
+            "port": REDIS_PORT,
+            "exporter_port": REDIS_EXPORTER_PORT,
+            "user": EXPORTER_USER,
+        }
+    if ctx.settings.monitoring.enabled:
+        targets = scrape_targets(ctx)
+        roles[inv.PROMETHEUS] = {
+            "url": f"http://127.0.0.1:{PROMETHEUS_PORT}",
+            "port": PROMETHEUS_PORT,
+            "targets": {job: len(t) for job, t in targets.items() if t},
+            "rule_groups": [g["name"] for g in _rule_groups(ctx.settings)],
+            "tolerated_alerts": dict(TOLERATED_ALERTS),
+        }
+    return roles
+
+
+def _rule_groups(settings: Settings) -> list[dict[str, Any]]:
+    return build_alert_rules(settings)["groups"]
+
+
+def _directories(ctx: _Context) -> list[tuple[Path, str | None]]:
+    """Directories to create first, with their owner (None: root)."""
+    layout = ctx.options.layout
+    dirs: list[tuple[Path, str | None]] = []
+    for host in ctx.of_kind("gateway"):
+        dirs.append((Path(gateway_paths(layout, host.role).runtime_dir), NGINX_USER))
+    for host in ctx.hosts:
+        if host.node or host.kind == "timeserver":
+            dirs.append((chrony_dir(layout, host.role), CHRONY_USER))
+    if ctx.settings.redis.enabled:
+        dirs.append((redis_dir(layout) / "data", None))
+    if ctx.settings.monitoring.enabled:
+        dirs.append((prometheus_dir(layout) / "data", None))
+    return dirs

@@ -1,0 +1,82 @@
+"""Engines stage: one VllmDeployment (LeaderWorkerSet + leader Service + Secret) per deployment.
+
+Hands later stages what they address the engines by: the gateway proxies to each leader
+Service, the monitors scrape it and KEDA scales each LeaderWorkerSet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from components.naming import (
+    VLLM_PORT,
+    engine_secret_name,
+    leader_service_name,
+    lws_name,
+    service_host,
+)
+from components.vllm_command import EngineSpec, engine_spec, served_model_name
+from components.vllm_deployment import VllmDeployment, VllmDeploymentArgs
+from stacks.platform import Platform
+from stacks.rules import plan_for
+from stacks.schema import DeploymentSettings, Settings
+from stacks.secrets import StackSecrets
+
+
+@dataclass(frozen=True)
+class EngineEndpoint:
+    """How the rest of the stack reaches one deployment's engines."""
+
+    deployment: str
+    served_model_name: str
+    lws_name: str
+    leader_service: str
+    leader_host: str  # DNS name of the headless leader Service
+    port: int
+
+
+@dataclass(frozen=True)
+class Engines:
+    endpoints: Mapping[str, EngineEndpoint]  # by deployment name, in settings order
+    components: tuple[VllmDeployment, ...]
+
+    def outputs(self) -> dict[str, Any]:
+        """Stack output: per deployment, where its leaders answer and the model name to send."""
+        return {
+            name: {"leader_service_host": e.leader_host, "served_model_name": e.served_model_name}
+            for name, e in self.endpoints.items()
+        }
+
+
+def spec_for(settings: Settings, d: DeploymentSettings) -> EngineSpec:
+    """The builders' view of a deployment of validated settings (also used by the rehearsal)."""
+    plan = plan_for(settings, d)
+    if plan is None:
+        raise ValueError(f"deployment {d.name} has no capacity plan; validate the settings first")
+    return engine_spec(settings, d, plan, engine_secret_name(d.name))
+
+
+def build_engines(settings: Settings, platform: Platform, secrets: StackSecrets) -> Engines:
+    components: list[VllmDeployment] = []
+    endpoints: dict[str, EngineEndpoint] = {}
+    for d in settings.serving.deployments:
+        args = VllmDeploymentArgs(
+            spec=spec_for(settings, d),
+            namespace=platform.namespace,
+            engine_api_key=secrets.engine_api_key,
+            hf_token=secrets.hf_token,
+            replicas_managed_externally=settings.autoscaling.keda,
+            depends_on=platform.node_groups,
+        )
+        components.append(VllmDeployment(d.name, args, opts=platform.opts()))
+        endpoints[d.name] = EngineEndpoint(
+            deployment=d.name,
+            served_model_name=served_model_name(d),
+            lws_name=lws_name(d.name),
+            leader_service=leader_service_name(d.name),
+            leader_host=service_host(leader_service_name(d.name), settings.serving.namespace),
+            port=VLLM_PORT,
+        )
+    return Engines(endpoints=endpoints, components=tuple(components))

@@ -1,0 +1,1 @@
+"""The testinfra verification suite: checks by host role, run against an inventory."""

@@ -1,0 +1,175 @@
+"""Gateway hosts: nginx and its exporter listen, /healthz, the OpenAI API through the gateway.
+
+The requests go to the gateway as a client would, so they cross nginx (key map, engine
+auth, routing, streaming without buffering) to a real leader behind it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import struct
+import time
+import zlib
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.infra import probes
+from tests.infra.probes import InfraHost
+
+IMAGE_SIZE = (1200, 900)  # random RGB pixels: a ~3.2 MB PNG, ~4.3 MB in the JSON body
+STREAM_TOKENS = 16
+
+
+def chat_body(model: str, **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "Describe this."}], **extra}
+
+
+def noise_png(width: int, height: int) -> bytes:
+    """A valid PNG of random pixels (incompressible, so it stays multi-MiB)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    rows = b"".join(b"\x00" + os.urandom(width * 3) for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows, 1))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture(scope="module")
+def key(secrets: dict[str, Any]) -> str:
+    return str(secrets["gateway_api_key"])
+
+
+@pytest.fixture(scope="module")
+def http() -> httpx.Client:
+    return probes.client()
+
+
+def test_listens_on_its_ports(host: InfraHost, role_vars: dict[str, Any]) -> None:
+    assert probes.listening(host, role_vars["port"])
+    assert probes.listening(host, role_vars["exporter_port"])
+    # stub_status is for the exporter sidecar only: loopback, not every address
+    assert probes.listening(host, role_vars["status_port"], "127.0.0.1")
+    assert not probes.listening(host, role_vars["status_port"])
+
+
+def test_runs_nginx_and_its_exporter(host: InfraHost) -> None:
+    programs = [args.split()[0].rsplit("/", 1)[-1] for _, args in probes.host_processes(host)]
+    assert "nginx:" in programs or "nginx" in programs, programs
+    assert any("nginx-prometheus-exporter" in p or "nginx-exporter" in p for p in programs), (
+        programs
+    )
+
+
+def test_healthz(http: httpx.Client, role_vars: dict[str, Any]) -> None:
+    response = http.get(role_vars["url"] + "/healthz")
+    assert response.status_code == 200
+    assert probes.json_of(response) == {"status": "ok"}
+
+
+def test_chat_completion_with_the_key(
+    http: httpx.Client, role_vars: dict[str, Any], key: str
+) -> None:
+    response = http.post(
+        role_vars["url"] + "/v1/chat/completions",
+        json=chat_body(role_vars["model"]),
+        headers=probes.bearer(key),
+    )
+    assert response.status_code == 200, response.text
+    reply = probes.json_of(response)
+    assert reply["object"] == "chat.completion"
+    assert reply["model"] == role_vars["model"]
+    assert reply["choices"][0]["message"]["content"]
+    assert response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("header", [None, "Bearer not-a-key-of-this-stack-0000"])
+def test_chat_completion_without_a_valid_key_is_401(
+    http: httpx.Client, role_vars: dict[str, Any], header: str | None
+) -> None:
+    headers = {"Authorization": header} if header else {}
+    response = http.post(
+        role_vars["url"] + "/v1/chat/completions",
+        json=chat_body(role_vars["model"]),
+        headers=headers,
+    )
+    assert response.status_code == 401
+    assert probes.json_of(response)["error"]["code"] == "invalid_api_key"
+
+
+def test_every_deployment_is_routed(
+    http: httpx.Client, role_vars: dict[str, Any], key: str
+) -> None:
+    for deployment, served in role_vars["deployments"].items():
+        response = http.get(
+            f"{role_vars['url']}/{deployment}/v1/models", headers=probes.bearer(key)
+        )
+        assert response.status_code == 200, (deployment, response.text)
+        assert [m["id"] for m in probes.json_of(response)["data"]] == [served]
+
+
+def test_streaming_arrives_in_chunks(
+    http: httpx.Client, role_vars: dict[str, Any], key: str
+) -> None:
+    body = chat_body(role_vars["model"], stream=True, max_tokens=STREAM_TOKENS)
+    arrivals: list[tuple[float, str]] = []
+    with http.stream(
+        "POST", role_vars["url"] + "/v1/chat/completions", json=body, headers=probes.bearer(key)
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                arrivals.append((time.monotonic(), line.removeprefix("data: ")))
+    assert arrivals[-1][1] == "[DONE]"
+    events = [json.loads(data) for _, data in arrivals[:-1]]
+    assert len(events) >= 3
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    # Buffered by a proxy, every event would arrive at once at the end.
+    spread = arrivals[-2][0] - arrivals[0][0]
+    assert spread > 0.1, f"all {len(events)} events arrived within {spread:.3f} s"
+    assert len({round(t, 2) for t, _ in arrivals}) >= 3
+
+
+def test_a_multi_mib_image_request_is_accepted(
+    http: httpx.Client, role_vars: dict[str, Any], key: str
+) -> None:
+    png = noise_png(*IMAGE_SIZE)
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    content = [
+        {"type": "text", "text": "What is in this image?"},
+        {"type": "image_url", "image_url": {"url": url}},
+    ]
+    body = {"model": role_vars["model"], "messages": [{"role": "user", "content": content}]}
+    size = len(json.dumps(body))
+    assert 3 * 2**20 < size < role_vars["max_body_mib"] * 2**20
+    response = http.post(
+        role_vars["url"] + "/v1/chat/completions", json=body, headers=probes.bearer(key)
+    )
+    assert response.status_code == 200, response.text[:500]
+    reply = probes.json_of(response)["choices"][0]["message"]["content"]
+    if role_vars.get("stand_in"):
+        # The stand-in decodes the image and reports what it got: all of it arrived.
+        width, height = IMAGE_SIZE
+        assert f"{width}x{height}" in reply, reply
+
+
+def test_blocked_vllm_paths_are_refused(
+    http: httpx.Client, role_vars: dict[str, Any], key: str
+) -> None:
+    deployment = next(iter(role_vars["deployments"]))
+    for path in role_vars["blocked_paths"]:
+        for prefix in ("", f"/{deployment}"):
+            response = http.get(role_vars["url"] + prefix + path, headers=probes.bearer(key))
+            assert response.status_code == 404, (prefix + path, response.text)
+            assert probes.json_of(response)["error"]["code"] == "unknown_url"

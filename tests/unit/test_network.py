@@ -1,0 +1,157 @@
+"""The VPC: subnet plan, NAT per mode, load balancer tags, S3 endpoint; existing VPCs untouched."""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from components.network import build_subnet_cidrs
+from tests.harness import StackRun, run_stack
+from tests.unit.platform_checks import config_key, mock_id, stack_variant
+
+# Per stack file: VPC CIDR, AZs, NAT gateways expected (single -> 1, perAz -> one per AZ).
+STACKS = {
+    "dev": ("10.20.0.0/16", ["us-east-1a", "us-east-1b"], 1),
+    "staging": ("10.30.0.0/16", ["us-east-1a", "us-east-1b"], 1),
+    "prod": ("10.40.0.0/16", ["us-east-1a", "us-east-1b", "us-east-1c"], 3),
+}
+
+
+@pytest.fixture(scope="module", params=list(STACKS))
+def run(request: pytest.FixtureRequest) -> StackRun:
+    return run_stack(request.param)
+
+
+def subnets(run: StackRun, role: str) -> dict[str, dict[str, Any]]:
+    found = {
+        r.inputs["availabilityZone"]: r.inputs
+        for r in run.of_type("aws:ec2/subnet:Subnet")
+        if r.name.startswith(f"network-{role}-")
+    }
+    return dict(sorted(found.items()))
+
+
+def test_subnet_plan_for_two_and_three_zones() -> None:
+    assert build_subnet_cidrs("10.0.0.0/16", 2) == [
+        ("10.0.0.0/18", "10.0.192.0/22"),
+        ("10.0.64.0/18", "10.0.196.0/22"),
+    ]
+    assert build_subnet_cidrs("10.0.0.0/16", 3)[2] == ("10.0.128.0/18", "10.0.200.0/22")
+    # 4 AZs need a fifth slice for the public subnets: eighths of the VPC.
+    assert build_subnet_cidrs("10.0.0.0/16", 4)[3] == ("10.0.96.0/19", "10.0.230.0/23")
+
+
+@pytest.mark.parametrize("prefix", [16, 18, 20])
+@pytest.mark.parametrize("zones", [2, 3, 4, 6])
+def test_subnets_never_overlap_and_stay_inside_the_vpc(prefix: int, zones: int) -> None:
+    vpc = ipaddress.IPv4Network(f"10.0.0.0/{prefix}")
+    plan = build_subnet_cidrs(str(vpc), zones)
+    nets = [ipaddress.IPv4Network(c) for pair in plan for c in pair]
+    assert len(nets) == 2 * zones
+    assert all(n.subnet_of(vpc) for n in nets)
+    assert not any(a.overlaps(b) for a, b in itertools.combinations(nets, 2))
+
+
+def test_a_vpc_too_small_for_public_subnets_is_refused() -> None:
+    with pytest.raises(ValueError, match="too small"):
+        build_subnet_cidrs("10.0.0.0/26", 3)
+
+
+def test_one_vpc_with_the_configured_cidr(run: StackRun) -> None:
+    cidr, _, _ = STACKS[run.stack]
+    (vpc,) = run.of_type("aws:ec2/vpc:Vpc")
+    assert vpc.inputs["cidrBlock"] == cidr
+    assert vpc.inputs["enableDnsHostnames"] is True
+
+
+def test_a_private_and_a_public_subnet_per_zone(run: StackRun) -> None:
+    _, zones, _ = STACKS[run.stack]
+    assert list(subnets(run, "private")) == zones
+    assert list(subnets(run, "public")) == zones
+    assert len(run.of_type("aws:ec2/subnet:Subnet")) == 2 * len(zones)
+
+
+def test_subnets_carry_the_load_balancer_discovery_tags(run: StackRun) -> None:
+    cluster = run.one("aws:eks/cluster:Cluster", "eks-cluster").inputs["name"]
+    for subnet in subnets(run, "public").values():
+        assert subnet["tags"]["kubernetes.io/role/elb"] == "1"
+        assert "kubernetes.io/role/internal-elb" not in subnet["tags"]
+        assert subnet["tags"][f"kubernetes.io/cluster/{cluster}"] == "shared"
+        assert subnet["mapPublicIpOnLaunch"] is False
+    for subnet in subnets(run, "private").values():
+        assert subnet["tags"]["kubernetes.io/role/internal-elb"] == "1"
+        assert "kubernetes.io/role/elb" not in subnet["tags"]
+
+
+def test_nat_gateways_per_mode(run: StackRun) -> None:
+    _, zones, nat_count = STACKS[run.stack]
+    nats = run.of_type("aws:ec2/natGateway:NatGateway")
+    assert len(nats) == nat_count
+    assert len(run.of_type("aws:ec2/eip:Eip")) == nat_count
+    public_ids = {mock_id(f"network-public-{az}") for az in zones}
+    assert {n.inputs["subnetId"] for n in nats} <= public_ids
+
+
+def test_each_private_zone_routes_through_a_nat(run: StackRun) -> None:
+    _, zones, nat_count = STACKS[run.stack]
+    for az in zones:
+        table = run.one("aws:ec2/routeTable:RouteTable", f"network-private-rt-{az}")
+        (route,) = table.inputs["routes"]
+        assert route["cidrBlock"] == "0.0.0.0/0"
+        # perAz: the zone's own NAT (an AZ outage cuts no other zone off); single: the first.
+        expected = az if nat_count > 1 else zones[0]
+        assert route["natGatewayId"] == mock_id(f"network-nat-{expected}")
+        association = run.one(
+            "aws:ec2/routeTableAssociation:RouteTableAssociation", f"network-private-rta-{az}"
+        )
+        assert association.inputs["subnetId"] == mock_id(f"network-private-{az}")
+
+
+def test_public_subnets_route_to_the_internet_gateway(run: StackRun) -> None:
+    table = run.one("aws:ec2/routeTable:RouteTable", "network-public-rt")
+    assert table.inputs["routes"] == [
+        {"cidrBlock": "0.0.0.0/0", "gatewayId": mock_id("network-igw")}
+    ]
+
+
+def test_s3_gateway_endpoint_on_the_private_route_tables(run: StackRun) -> None:
+    _, zones, _ = STACKS[run.stack]
+    (endpoint,) = run.of_type("aws:ec2/vpcEndpoint:VpcEndpoint")
+    assert endpoint.inputs["serviceName"] == "com.amazonaws.us-east-1.s3"
+    assert endpoint.inputs["vpcEndpointType"] == "Gateway"
+    assert sorted(endpoint.inputs["routeTableIds"]) == sorted(
+        mock_id(f"network-private-rt-{az}") for az in zones
+    )
+
+
+@pytest.fixture(scope="module")
+def existing_network_run(tmp_path_factory: pytest.TempPathFactory) -> StackRun:
+    def edit(config: dict[str, Any]) -> None:
+        config[config_key("network")] = {
+            "mode": "existing",
+            "vpcId": "vpc-0existing",
+            "privateSubnetIds": {"us-east-1a": "subnet-0a", "us-east-1b": "subnet-0b"},
+            "publicSubnetIds": {"us-east-1a": "subnet-1a", "us-east-1b": "subnet-1b"},
+        }
+
+    path: Path = stack_variant(tmp_path_factory.mktemp("net"), "dev", "existingnet", edit)
+    return run_stack("existingnet", path)
+
+
+def test_existing_network_creates_no_network_resources(existing_network_run: StackRun) -> None:
+    made = {r.type for r in existing_network_run.resources}
+    for kind in ("vpc:Vpc", "subnet:Subnet", "natGateway:NatGateway", "vpcEndpoint:VpcEndpoint"):
+        assert f"aws:ec2/{kind}" not in made
+
+
+def test_existing_network_subnets_reach_the_cluster_and_nodes(
+    existing_network_run: StackRun,
+) -> None:
+    cluster = existing_network_run.one("aws:eks/cluster:Cluster", "eks-cluster")
+    assert cluster.inputs["vpcConfig"]["subnetIds"] == ["subnet-0a", "subnet-0b"]
+    group = existing_network_run.one("aws:eks/nodeGroup:NodeGroup", "gpu-l40s-ng")
+    assert group.inputs["subnetIds"] == ["subnet-0a", "subnet-0b"]

@@ -1,0 +1,529 @@
+"""The rendered nginx.conf of every stack, judged by real nginx binaries.
+
+- static mode: bookworm's nginx 1.22 (`nginx -t`);
+- cluster mode (`server ... resolve`, nginx >= 1.27.3): sid's nginx in the debootstrap chroot
+  of scripts/nginx-chroot.sh, built by a session fixture when missing. Its `nginx -t` checks
+  the exact ConfigMap text at the pod's exact paths (a private mount namespace lays them over
+  the shared chroot), and a live run shows `resolve` following DNS changes, answered by a tiny
+  DNS server on loopback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+
+from components.naming import VLLM_PORT
+from components.nginx_conf import (
+    API_KEYS_FILE,
+    CONF_DIR,
+    CONF_FILE,
+    ENGINE_AUTH_FILE,
+    NGINX_RESOLVE_MIN_VERSION,
+    RESOLVER_FILE,
+    UPSTREAM_KEEPALIVE_TIMEOUT_SECONDS,
+    UPSTREAM_MODES,
+    Backend,
+    NginxConfArgs,
+    affinity_variable,
+    build_nginx_conf_args,
+    rate_directive,
+    render_api_keys_map,
+    render_engine_auth,
+    render_nginx_conf,
+    render_resolver_conf,
+)
+from stacks.schema import Settings
+from stacks.settings import load_stack_file, stack_file
+from tests.unit.test_gateway_behaviour import (
+    CLIENT_KEYS,
+    ENGINE_KEY,
+    NOBODY,
+    bearer,
+    free_port,
+    running_gateway,
+    scratch_dir,
+    scratch_paths,
+    stand_ins,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+STACKS = ["dev", "staging", "prod"]
+CHROOT_SCRIPT = ROOT / "scripts" / "nginx-chroot.sh"
+DEFAULT_CHROOT = Path("/var/cache/qwen-vl/nginx-sid")
+
+
+@pytest.fixture(scope="module", params=STACKS)
+def settings(request: pytest.FixtureRequest) -> Settings:
+    return load_stack_file(stack_file(request.param))
+
+
+def cluster_conf(settings: Settings) -> str:
+    return render_nginx_conf(build_nginx_conf_args(settings))
+
+
+def static_args(settings: Settings, directory: str) -> NginxConfArgs:
+    addresses = {
+        d.name: ("127.0.0.1:18001", "127.0.0.1:18002") for d in settings.serving.deployments
+    }
+    args = build_nginx_conf_args(
+        settings, mode="static", static_addresses=addresses, paths=scratch_paths(directory)
+    )
+    return replace(args, listen="127.0.0.1:18080", status_listen="127.0.0.1:18081")
+
+
+def nginx_version(command: list[str]) -> tuple[int, ...]:
+    out = subprocess.run([*command, "-v"], capture_output=True, text=True, check=True).stderr
+    found = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", out)
+    assert found, out
+    return tuple(int(part) for part in found.groups())
+
+
+# ----------------------------------------------------------------- the rendered text
+
+
+def test_every_deployment_gets_a_resolving_upstream_over_its_leader_service(
+    settings: Settings,
+) -> None:
+    conf = cluster_conf(settings)
+    for d in settings.serving.deployments:
+        # The headless leader Service the engines stage creates: "<name>-leader" on port 8000.
+        host = f"{d.name}-leader.qwen-vl.svc.cluster.local:8000"
+        assert f"    upstream engine-{d.name} {{\n        zone engine-{d.name} 256k;\n" in conf
+        assert f"        server {host} resolve max_fails=2 fail_timeout=10s;\n" in conf
+        assert f"    location /{d.name}/v1/ {{\n" in conf
+    assert conf.count("keepalive 32;") == len(settings.serving.deployments)
+    assert "include /run/gateway/resolver.conf;" in conf
+
+
+def test_v1_and_the_chat_alias_go_to_the_default_deployment(settings: Settings) -> None:
+    conf = cluster_conf(settings)
+    default = {"dev": "qwen3-vl-2b", "staging": "qwen3-vl-2b", "prod": "qwen3-vl-2b"}[
+        settings.stack
+    ]
+    v1 = conf.split("    location /v1/ {")[1].split("\n        }")[0]
+    alias = conf.split("    location = /chat/completions {")[1].split("\n        }")[0]
+    assert f"proxy_pass http://engine-{default}/v1/;" in v1
+    assert f"proxy_pass http://engine-{default}/v1/chat/completions;" in alias
+
+
+def test_limits_and_timeouts_follow_the_settings(settings: Settings) -> None:
+    conf = cluster_conf(settings)
+    # Defaults (64 MiB, 600 s) in every stack file; prod raises the rate limit to 50/s, burst 100.
+    rate, burst = {"dev": ("20r/s", 40), "staging": ("20r/s", 40), "prod": ("50r/s", 100)}[
+        settings.stack
+    ]
+    for line in (
+        "client_max_body_size 64m;",
+        "proxy_read_timeout 600s;",
+        "send_timeout 600s;",
+        f"limit_req_zone $api_key_id zone=per_key:10m rate={rate};",
+        f"limit_req zone=per_key burst={burst} nodelay;",
+    ):
+        assert line in conf
+
+
+def test_load_balancing_follows_the_settings(settings: Settings) -> None:
+    conf = cluster_conf(settings)
+    deployments = len(settings.serving.deployments)
+    if settings.gateway.load_balancing == "leastConn":
+        assert conf.count("least_conn;") == deployments
+        assert "hash " not in conf
+    else:  # sessionAffinity on X-Session-Id
+        assert conf.count("hash $http_x_session_id;") == deployments
+        assert "least_conn" not in conf
+
+
+def test_streaming_retry_and_keepalive_choices_are_in_the_text(settings: Settings) -> None:
+    conf = cluster_conf(settings)
+    for line in (
+        "proxy_buffering off;",
+        "gzip off;",
+        "proxy_http_version 1.1;",
+        'proxy_set_header Connection "";',
+        "proxy_next_upstream error timeout http_502 http_503;",
+        "proxy_next_upstream_tries 3;",
+        "add_header X-Accel-Buffering no always;",
+    ):
+        assert line in conf
+    directives = [line.strip() for line in conf.splitlines() if not line.strip().startswith("#")]
+    assert not [line for line in directives if "non_idempotent" in line]
+    # Shorter than vLLM's 5 s uvicorn keep-alive (vllm-contract.md, VLLM_HTTP_TIMEOUT_KEEP_ALIVE).
+    assert f"keepalive_timeout {UPSTREAM_KEEPALIVE_TIMEOUT_SECONDS}s;" in conf
+    assert UPSTREAM_KEEPALIVE_TIMEOUT_SECONDS < 5
+
+
+def test_the_config_holds_no_secret_and_logs_no_header(settings: Settings) -> None:
+    conf = cluster_conf(settings)
+    assert f"include /etc/nginx/gateway-secrets/{API_KEYS_FILE};" in conf
+    assert f"include /etc/nginx/gateway-secrets/{ENGINE_AUTH_FILE};" in conf
+    assert "Bearer " not in conf.replace("Bearer <your gateway key>", "")
+    log_format = conf.split("log_format")[1].split(";")[0]
+    assert "$http_authorization" not in log_format
+    assert "$request_uri" not in log_format
+    assert '"key_id":"$api_key_id"' in log_format
+
+
+def test_status_listens_on_loopback_only(settings: Settings) -> None:
+    conf = cluster_conf(settings)
+    status = conf.split("location = /stub_status")[0].rsplit("server {", 1)[1]
+    assert "listen 127.0.0.1:8081;" in status
+    assert conf.count("stub_status;") == 1
+
+
+def test_cluster_and_static_differ_only_by_the_substitution_table(settings: Settings) -> None:
+    cluster = build_nginx_conf_args(settings)
+    # The same addresses in static mode: every remaining difference must be the table's.
+    static = replace(cluster, mode="static")
+    diff = [
+        line
+        for line in difflib.ndiff(
+            render_nginx_conf(cluster).splitlines(), render_nginx_conf(static).splitlines()
+        )
+        if line[:2] in ("- ", "+ ")
+    ]
+    removed = [line[2:].strip() for line in diff if line.startswith("- ")]
+    added = [line[2:].strip() for line in diff if line.startswith("+ ")]
+    resolver_line = "include /run/gateway/resolver.conf;"
+    assert resolver_line in removed
+    servers = [line for line in removed if line != resolver_line]
+    assert len(servers) == len(settings.serving.deployments)
+    assert [line.replace(" resolve ", " ") for line in servers] == added
+    assert set(UPSTREAM_MODES) == {"cluster", "static"}
+
+
+def test_unsafe_input_is_refused() -> None:
+    args = NginxConfArgs(
+        mode="static", deployments=(Backend(name="a", addresses=("h:1",)),), default_deployment="a"
+    )
+    with pytest.raises(ValueError, match="default deployment 'b'"):
+        render_nginx_conf(replace(args, default_deployment="b"))
+    with pytest.raises(ValueError, match="not a header name"):
+        render_nginx_conf(replace(args, affinity_header="X_Session"))
+    with pytest.raises(ValueError, match="at least 1 request per minute"):
+        render_nginx_conf(replace(args, requests_per_second=0.001))
+    with pytest.raises(ValueError, match="static mode needs the addresses"):
+        build_nginx_conf_args(load_stack_file(stack_file("dev")), mode="static")
+
+
+@pytest.mark.parametrize(
+    ("rps", "directive"),
+    [(20.0, "20r/s"), (50, "50r/s"), (0.5, "30r/m"), (1 / 60, "1r/m"), (2.5, "150r/m")],
+)
+def test_rate_directive(rps: float, directive: str) -> None:
+    assert rate_directive(rps) == directive
+
+
+def test_affinity_variable() -> None:
+    assert affinity_variable("X-Session-Id") == "$http_x_session_id"
+    assert affinity_variable("Conversation") == "$http_conversation"
+
+
+def test_api_key_map_and_engine_auth() -> None:
+    text = render_api_keys_map({"webui": "KeyOfWebui0123456789", "default": "KeyOfDefault01234567"})
+    assert text.splitlines()[1:] == [
+        "map $http_authorization $api_key_id {",
+        '    default "";',
+        '    "Bearer KeyOfDefault01234567" "default";',
+        '    "Bearer KeyOfWebui0123456789" "webui";',
+        "}",
+    ]
+    assert render_engine_auth("EngineKey0123456789") == (
+        'proxy_set_header Authorization "Bearer EngineKey0123456789";\n'
+    )
+    with pytest.raises(ValueError, match="DNS label") as bad_id:
+        render_api_keys_map({"Bad_Id": "KeyOfDefault01234567"})
+    assert "KeyOfDefault" not in str(bad_id.value)
+    with pytest.raises(ValueError, match="API key must be") as bad_key:
+        render_api_keys_map({"default": 'quote"in-the-key-0123'})
+    assert "quote" not in str(bad_key.value)  # never echo a key
+    with pytest.raises(ValueError, match="at least one"):
+        render_api_keys_map({})
+
+
+def test_resolver_conf() -> None:
+    assert render_resolver_conf("172.20.0.10") == "resolver 172.20.0.10 valid=5s ipv6=off;\n"
+    assert render_resolver_conf("fd00::a") == "resolver [fd00::a] valid=5s ipv6=off;\n"
+    assert render_resolver_conf("127.0.0.1", 5353) == "resolver 127.0.0.1:5353 valid=5s ipv6=off;\n"
+
+
+def test_chroot_script_asks_for_the_same_minimum_version() -> None:
+    found = re.search(r"^MIN_VERSION=(\d+)\.(\d+)\.(\d+)$", CHROOT_SCRIPT.read_text(), re.M)
+    assert found
+    assert tuple(int(p) for p in found.groups()) == NGINX_RESOLVE_MIN_VERSION
+
+
+def test_stack_images_have_resolve(settings: Settings) -> None:
+    tag = settings.gateway.image.split("@")[0].rsplit(":", 1)[1]
+    assert tuple(int(p) for p in tag.split(".")) >= NGINX_RESOLVE_MIN_VERSION
+
+
+# ----------------------------------------------------------------- nginx 1.22: static mode
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (make debs)")
+def test_static_variant_passes_nginx_t_on_bookworm_nginx(settings: Settings) -> None:
+    with scratch_dir() as directory:
+        args = static_args(settings, str(directory))
+        conf = write_includes(Path("/"), args)
+        result = subprocess.run(
+            ["nginx", "-t", "-c", str(conf), "-p", f"{directory}/"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert nginx_version(["nginx"])[:2] == (1, 22)
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (make debs)")
+def test_cluster_variant_needs_more_than_bookworm_nginx(settings: Settings) -> None:
+    # Why the chroot exists: 1.22 refuses `resolve` (toolchain.md §7).
+    with scratch_dir() as directory:
+        args = replace(static_args(settings, str(directory)), mode="cluster")
+        conf = write_includes(Path("/"), args)
+        result = subprocess.run(
+            ["nginx", "-t", "-c", str(conf), "-p", f"{directory}/"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert 'invalid parameter "resolve"' in result.stderr
+
+
+def write_includes(
+    root: Path, args: NginxConfArgs, nameserver: str = "127.0.0.1", port: int | None = None
+) -> Path:
+    """nginx.conf plus every include it names, under `root`; returns the conf's host path."""
+    p = args.paths
+    secrets = root / p.secrets_dir.lstrip("/")
+    runtime = root / p.runtime_dir.lstrip("/")
+    for directory in (secrets, runtime):
+        directory.mkdir(parents=True, exist_ok=True)
+    (secrets / API_KEYS_FILE).write_text(render_api_keys_map(CLIENT_KEYS))
+    (secrets / ENGINE_AUTH_FILE).write_text(render_engine_auth(ENGINE_KEY))
+    (runtime / RESOLVER_FILE).write_text(render_resolver_conf(nameserver, port))
+    conf = runtime / CONF_FILE
+    conf.write_text(render_nginx_conf(args))
+    return conf
+
+
+# ----------------------------------------------------------------- nginx >= 1.27.3: cluster mode
+
+
+@pytest.fixture(scope="session")
+def sid_chroot() -> Path:
+    """The sid chroot with nginx >= 1.27.3, built by scripts/nginx-chroot.sh when missing."""
+    chroot = Path(os.environ.get("NGINX_CHROOT", str(DEFAULT_CHROOT)))
+    if os.geteuid() != 0:
+        pytest.skip("the sid nginx chroot needs root (debootstrap, chroot, mount namespaces)")
+    if shutil.which("debootstrap") is None and not (chroot / "usr/sbin/nginx").exists():
+        pytest.skip("debootstrap is not installed (make debs), so no nginx >= 1.27.3 chroot")
+    result = subprocess.run(
+        ["bash", str(CHROOT_SCRIPT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env={**os.environ, "NGINX_CHROOT": str(chroot)},
+    )
+    if result.returncode != 0:
+        pytest.skip(
+            "cannot build the nginx chroot here: " + (result.stderr or result.stdout)[-500:]
+        )
+    return chroot
+
+
+def test_chroot_nginx_has_resolve(sid_chroot: Path) -> None:
+    assert nginx_version(["chroot", str(sid_chroot), "nginx"]) >= NGINX_RESOLVE_MIN_VERSION
+
+
+# Lays tmpfs over the chroot's /etc/nginx and /run in a private mount namespace (the shared
+# chroot stays untouched), copies the pod's files in, and runs nginx -t with no network.
+_POD_PATHS_CHECK = r"""
+set -eu
+mount -t tmpfs tmpfs "$1/etc/nginx"
+mount -t tmpfs tmpfs "$1/run"
+mount -t proc proc "$1/proc"
+cp -R "$2/." "$1/"
+exec chroot "$1" nginx -t -c "$3"
+"""
+
+
+def test_cluster_variant_passes_nginx_t_at_the_pods_paths(
+    sid_chroot: Path, settings: Settings
+) -> None:
+    with scratch_dir() as staging:
+        args = build_nginx_conf_args(settings)  # exactly what the ConfigMap holds
+        conf = staging / CONF_DIR.lstrip("/") / CONF_FILE
+        conf.parent.mkdir(parents=True)
+        write_includes(staging, args, nameserver="172.20.0.10")
+        (staging / args.paths.runtime_dir.lstrip("/") / CONF_FILE).replace(conf)
+        result = subprocess.run(
+            [
+                "unshare",
+                "--mount",
+                "--net",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                _POD_PATHS_CHECK,
+                "sh",
+                str(sid_chroot),
+                str(staging),
+                f"{CONF_DIR}/{CONF_FILE}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr
+    assert f"{CONF_DIR}/{CONF_FILE} test is successful" in result.stderr
+    assert conf.name == CONF_FILE
+    assert conf.parent.name == "gateway"
+
+
+class TinyDns:
+    """A loopback DNS server answering A queries from `records` (the test edits it)."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, list[str]] = {}
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = int(self.sock.getsockname()[1])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                query, peer = self.sock.recvfrom(512)
+            except TimeoutError:
+                continue
+            self.sock.sendto(self.answer(query), peer)
+
+    def answer(self, query: bytes) -> bytes:
+        labels, offset = [], 12
+        while query[offset]:
+            length = query[offset]
+            labels.append(query[offset + 1 : offset + 1 + length].decode())
+            offset += 1 + length
+        qtype = struct.unpack("!H", query[offset + 1 : offset + 3])[0]
+        question = query[12 : offset + 5]
+        name = ".".join(labels).lower()
+        known = name in self.records
+        addresses = self.records.get(name, []) if qtype == 1 else []
+        flags = 0x8180 if known else 0x8183  # response, recursion; NXDOMAIN when unknown
+        header = query[:2] + struct.pack("!HHHHH", flags, 1, len(addresses), 0, 0)
+        answers = b"".join(
+            struct.pack("!HHHIH", 0xC00C, 1, 1, 1, 4) + socket.inet_aton(a) for a in addresses
+        )
+        return header + question + answers
+
+
+@contextlib.contextmanager
+def tiny_dns() -> Iterator[TinyDns]:
+    server = TinyDns()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def test_cluster_variant_follows_dns_without_a_reload(sid_chroot: Path) -> None:
+    """The leader Service's addresses change (a group restarts elsewhere, KEDA adds one):
+    nginx follows without a reload, and session affinity holds on every resolved set."""
+    names = ["leader-a", "leader-b", "leader-c", "leader-d"]
+    ips = ["127.77.0.2", "127.77.0.3", "127.77.0.4", "127.77.0.5"]
+    if not all(_bindable(ip, VLLM_PORT) for ip in ips):
+        pytest.skip(f"port {VLLM_PORT} is taken on one of {ips}")
+    staging = load_stack_file(stack_file("staging"))  # sessionAffinity on X-Session-Id
+    with (
+        tiny_dns() as dns,
+        stand_ins(names, hosts=ips, port=VLLM_PORT),
+        scratch_dir(sid_chroot / "tmp") as directory,
+    ):
+        args = replace(
+            build_nginx_conf_args(staging),
+            listen=f"127.0.0.1:{free_port()}",
+            paths=scratch_paths("/tmp/" + directory.name),
+            burst=1000,  # this test's traffic is not what the rate limit is about
+        )
+        leader_host = args.deployments[0].addresses[0].rsplit(":", 1)[0]
+        assert leader_host == "qwen3-vl-2b-leader.qwen-vl.svc.cluster.local"
+        dns.records[leader_host] = ips[:1]
+        runtime = directory / "run"
+        runtime.mkdir()
+        (runtime / RESOLVER_FILE).write_text(render_resolver_conf("127.0.0.1", dns.port))
+        command = ("chroot", f"--userspec={NOBODY}:{NOBODY}", str(sid_chroot), "nginx")
+        with (
+            running_gateway(args, directory, root=sid_chroot, command=command) as gw,
+            httpx.Client(base_url=gw.url, timeout=10) as c,
+        ):
+
+            def served_by(session: str | None = None) -> str:
+                headers = {**bearer(), **({"X-Session-Id": session} if session else {})}
+                response = c.get("/v1/models", headers=headers)
+                return response.json()["upstream"] if response.status_code == 200 else ""
+
+            def spread() -> set[str]:  # no session id: nginx's round robin over all leaders
+                return {served_by() for _ in range(12)}
+
+            sessions = [f"conversation-{i}" for i in range(30)]
+            assert _eventually(lambda: served_by() == "leader-a")
+            dns.records[leader_host] = ips[1:]  # a's group moved away; three groups now
+            assert _eventually(lambda: spread() == {"leader-b", "leader-c", "leader-d"})
+            three = [{s: served_by(s) for s in sessions} for _ in range(2)]
+            dns.records[leader_host] = ips  # a fourth group joins
+            assert _eventually(lambda: spread() == set(names))
+            four = [{s: served_by(s) for s in sessions} for _ in range(2)]
+    for mapping in (three, four):
+        assert mapping[0] == mapping[1]  # every turn of a session reaches the same engine
+    assert set(three[0].values()) == {"leader-b", "leader-c", "leader-d"}
+    assert set(four[0].values()) == set(names)
+
+
+def _eventually(check: Callable[[], bool], seconds: float = 20) -> bool:
+    """True once `check()` holds, polling for at most `seconds` (the resolver's valid= is 5 s)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.25)
+    return False
