@@ -185,7 +185,7 @@ class Redis(pulumi.ComponentResource):
                             )
                         },
                     },
-                    "spec": _pod_spec(args),
+                    "spec": build_pod_spec(args),
                 },
                 "volume_claim_templates": [
                     {
@@ -251,7 +251,7 @@ def _ingress(args: RedisArgs) -> list[k8s.networking.v1.NetworkPolicyIngressRule
     ]
 
 
-def _pod_spec(args: RedisArgs) -> k8s.core.v1.PodSpecArgsDict:
+def build_pod_spec(args: RedisArgs) -> k8s.core.v1.PodSpecArgsDict:
     memory = f"{redis_memory_mib(args.maxmemory_mib)}Mi"
     hardened: k8s.core.v1.SecurityContextArgsDict = {
         "allow_privilege_escalation": False,

@@ -54,7 +54,9 @@ from components.nginx_conf import (  # noqa: E402
     API_KEYS_FILE,
     CHAT_PATH,
     ENGINE_AUTH_FILE,
+    FAIL_TIMEOUT_SECONDS,
     HEALTH_PATH,
+    MAX_FAILS,
     Backend,
     NginxPaths,
     build_nginx_conf_args,
@@ -257,6 +259,8 @@ def topology(state_dir: Path, opts: BenchOptions) -> Iterator[Topology]:
         problems = netns.teardown(state, keep_logs=failed)
         if not problems:
             shutil.rmtree(state_dir / GATEWAY, ignore_errors=True)  # nginx's temp directories
+            with contextlib.suppress(OSError):
+                state_dir.rmdir()  # only if empty (kept logs stay)
         print(
             (
                 "==> topology torn down"
@@ -735,6 +739,8 @@ def affinity_figure(result: RunResult, topo: Topology, opts: BenchOptions) -> Fi
             f"({topo.affinity_header} header), {opts.affinity_s:g} s; each request's engine "
             "from the gateway's access log (upstream_addr), joined on X-Request-Id.",
             f"requests not found in the access log: {unmatched}",
+            "The spread is what nginx's `hash` makes of these particular session ids "
+            "(u0-s0 ... u5-s4): the same ids give the same spread on every run.",
         ],
     )
 
@@ -800,7 +806,10 @@ def failover_figure(result: RunResult, topo: Topology, opts: BenchOptions) -> Fi
             f"{opts.failover_users} users streaming over the three engines with sessions, "
             f"{opts.failover_s:g} s; {VICTIM} killed {opts.kill_after_s:g} s in. A cut stream "
             "got its headers and some chunks, then no [DONE]; the gateway never replays a "
-            "started POST (proxy_next_upstream without non_idempotent).",
+            "started POST (proxy_next_upstream without non_idempotent). With "
+            f"max_fails={MAX_FAILS} fail_timeout={FAIL_TIMEOUT_SECONDS}s, nginx stops trying "
+            f"the dead engine after {MAX_FAILS} failed connects, so later requests of its "
+            "sessions go straight to another engine.",
         ],
     )
 
@@ -918,12 +927,21 @@ def render_markdown(
         "(scripts/engine_standin.py), so absolute latencies say nothing about a GPU. What "
         "carries over is the **ratios**: what the gateway adds to a request, whether "
         "sessions stay on one engine, and what a dying engine costs. Client, gateway and "
-        "engines share the same cores, so expect a few percent of noise between runs. "
+        "engines share the same cores with whatever else runs: the per-round ratios show "
+        "how large that noise was. "
         "docs/loadtest.md explains the setup and the figures.",
         "",
         f"- command: `{opts.command(figure_keys)}` (same as `make bench`, which also writes this file)",
         f"- date: {date}",
         *(f"- {name}: {value}" for name, value in machine()),
+        "",
+        "Setup: five network namespaces on a private bridge (scripts/rehearsal/netns.py): a "
+        "client running the load generator (Locust, scripts/loadtest_worker.py), the gateway "
+        "(nginx with the config `render_nginx_conf` gives the cluster, from the dev stack's "
+        "gateway settings, static upstreams, session affinity, rate limit raised out of the "
+        f"way) and three engine stand-ins answering as `{STACK}`'s model. Route `/{SOLO}/` "
+        f"reaches engine-0 only, the same engine the direct runs use; `/{TRIO}/` spreads "
+        "over all three.",
         "",
     ]
     for fig in figures:

@@ -1191,6 +1191,9 @@ class Engine:
 
 class EngineServer(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default listen backlog is 5; vLLM's uvicorn uses 2048. With 5, a burst of
+    # new connections through the gateway gets resets that a real engine would not cause.
+    request_queue_size = 2048
 
     def __init__(self, cfg: EngineConfig, engine: Engine) -> None:
         super().__init__((cfg.host or "", cfg.port), EngineHandler, bind_and_activate=False)

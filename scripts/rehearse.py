@@ -186,6 +186,7 @@ def up(args: argparse.Namespace, layout: Layout) -> int:
     )
     plan = plan_rehearsal(settings, secrets_, options)
     runner.preflight(layout.state_dir)
+    runner.check_namespaces_free(plan)
     # Logs of an earlier failed run (kept for reading) would be appended to.
     shutil.rmtree(netns.log_dir(netns.State(layout.state_file)), ignore_errors=True)
     if args.detach:
@@ -220,7 +221,7 @@ def _run(
     except Interrupted as stop:
         failed = False
         progress.header(f"{stop}: tearing down")
-    except runner.RehearsalFailed as err:
+    except (runner.RehearsalFailed, netns.NetnsError) as err:
         progress.header("rehearsal failed; tearing down")
         out.write(f"rehearse: {err}\n")
     finally:
@@ -274,9 +275,8 @@ def _release_terminal(layout: Layout, state: netns.State, out: TextIO) -> None:
     """Tell the waiting parent the rehearsal is up, then log to a file instead of its pipe."""
     out.write(READY_MARKER + "\n")
     out.flush()
-    log = netns.log_dir(state) / "supervisor.log"
+    log = runner.supervisor_log(state)
     log.parent.mkdir(parents=True, exist_ok=True)
-    state.record_file(log)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -293,7 +293,11 @@ def down(layout: Layout) -> int:
         if not runner.stop_supervisor(layout, DOWN_TIMEOUT_S):
             print(f"it did not stop within {DOWN_TIMEOUT_S:g} s; tearing down from the state file")
     if not layout.state_file.exists():
-        print(f"nothing to tear down in {layout.state_dir}")
+        print(
+            "done: no namespace, process or file left"
+            if owner
+            else f"nothing to tear down in {layout.state_dir}"
+        )
         return 0
     state = netns.State.load(layout.state_file)
     print(

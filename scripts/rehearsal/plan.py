@@ -14,7 +14,7 @@ import re
 import secrets
 import string
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -56,8 +56,13 @@ from components.nginx_conf import (
     render_nginx_conf,
 )
 from components.redis import RedisArgs
-from components.redis import _pod_spec as redis_pod_spec  # no public builder yet
-from components.redis_conf import EXPORTER_USER, RedisConf, render_redis_conf
+from components.redis import build_pod_spec as redis_pod_spec
+from components.redis_conf import (
+    EXPORTER_PASSWORD_ENTRY,
+    EXPORTER_USER,
+    RedisConf,
+    render_redis_conf,
+)
 from components.scrape_config import (
     JOB_NGINX,
     JOB_NODE,
@@ -426,7 +431,6 @@ class Layout:
 class Endpoint:
     what: str
     address: str
-    netns: str
     example: str  # a command that reaches it from inside the rehearsal
 
 
@@ -440,7 +444,7 @@ class RehearsalPlan:
     processes: tuple[ProcessSpec, ...]
     endpoints: tuple[Endpoint, ...]
     inventory: Mapping[str, Any]
-    directories: tuple[tuple[Path, str | None], ...] = field(default=())  # (dir, owner)
+    directories: tuple[tuple[Path, str | None], ...] = ()  # (dir, owner)
 
     def netns(self, role: str) -> str:
         return netns_name(self.run, role)
@@ -790,7 +794,7 @@ def redis_exporter_env(settings: Settings, secrets_: RunSecrets) -> dict[str, st
     for var in redis_containers(settings, secrets_)["exporter"]["env"]:
         if "value" in var:
             env[var["name"]] = var["value"]
-        elif var["value_from"]["secret_key_ref"]["key"] == "exporter-password":
+        elif var["value_from"]["secret_key_ref"]["key"] == EXPORTER_PASSWORD_ENTRY:
             env[var["name"]] = secrets_.redis_exporter_password
         else:
             raise PlanError(f"redis exporter env {var['name']}: unknown Secret reference")
@@ -853,11 +857,6 @@ def chrony_dir(layout: Layout, role: str) -> Path:
     return layout.host(role) / "chrony"
 
 
-def render_node_chrony_conf(phc: bool, server: str, state_dir: str) -> str:
-    """What the node's chrony.conf is here: rendered for the rehearsal's time server."""
-    return render_chrony_conf(phc=phc, server=server, state_dir=state_dir)
-
-
 def without_phc(text: str) -> str:
     """The node boot script's `sed '/^refclock PHC/d'`, applied when /dev/ptp_ena is missing."""
     return PHC_LINE.sub("", text)
@@ -889,7 +888,7 @@ def _chrony_files(ctx: _Context) -> list[FileSpec]:
     for host in ctx.hosts:
         if host.node:
             state = chrony_dir(layout, host.role)
-            text = render_node_chrony_conf(host.phc, server, str(state))
+            text = render_chrony_conf(phc=host.phc, server=server, state_dir=str(state))
             files.append(FileSpec(state / "chrony.conf", without_phc(text)))
     return files
 
@@ -1069,7 +1068,6 @@ def _endpoints(ctx: _Context) -> list[Endpoint]:
         Endpoint(
             "gateway",
             f"http://{ctx.address(gw)}:{GATEWAY_PORT} ({service_host(GATEWAY_NAME, ns)})",
-            gw_ns,
             chat,
         ),
     ]
@@ -1079,7 +1077,6 @@ def _endpoints(ctx: _Context) -> list[Endpoint]:
             Endpoint(
                 "prometheus",
                 f"http://{ctx.address(SERVICES)}:{PROMETHEUS_PORT}",
-                services,
                 f"ip netns exec {services} curl -s http://127.0.0.1:{PROMETHEUS_PORT}/api/v1/targets",
             )
         )
@@ -1088,7 +1085,6 @@ def _endpoints(ctx: _Context) -> list[Endpoint]:
             Endpoint(
                 "redis",
                 f"{ctx.address(SERVICES)}:{REDIS_PORT} ({service_host(REDIS_NAME, ns)}, user app)",
-                services,
                 f"ip netns exec {services} redis-cli --user app --askpass "
                 f"(password: redis_app_password in {ctx.options.layout.secrets})",
             )
@@ -1099,7 +1095,6 @@ def _endpoints(ctx: _Context) -> list[Endpoint]:
                 Endpoint(
                     f"engine {pod.name}",
                     f"http://{ctx.address(pod.name)}:{VLLM_PORT}",
-                    netns_name(run, pod.name),
                     f"ip netns exec {netns_name(run, pod.name)} curl -s http://127.0.0.1:{VLLM_PORT}/metrics",
                 )
             )
@@ -1141,8 +1136,10 @@ def _roles(ctx: _Context, host: HostPlan) -> dict[str, dict[str, Any]]:
     if host.node:
         roles[inv.NODE] = node_vars(
             conf_path=str(chrony_dir(ctx.options.layout, host.role) / "chrony.conf"),
-            conf=render_node_chrony_conf(
-                host.phc, ctx.address(TIMESERVER), str(chrony_dir(ctx.options.layout, host.role))
+            conf=render_chrony_conf(
+                phc=host.phc,
+                server=ctx.address(TIMESERVER),
+                state_dir=str(chrony_dir(ctx.options.layout, host.role)),
             ),
             chronyc=["-h", "127.0.0.1"],
             sources=[ctx.address(TIMESERVER)],
@@ -1187,7 +1184,8 @@ def engine_roles(settings: Settings, pod: EnginePod, base_url: str) -> dict[str,
     d = pod.deployment
     common = {
         "deployment": d.name,
-        "model": d.model,
+        # what follows `serve`: the model, or the S3 prefix its weights stream from
+        "model": d.weights.s3_uri or d.model,
         "served_model_name": served_model_name(d),
         "nnodes": d.nodes_per_group,
         "master_port": MASTER_PORT,

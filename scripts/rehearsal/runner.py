@@ -103,6 +103,18 @@ def preflight(state_dir: Path) -> None:
         )
 
 
+def check_namespaces_free(plan: RehearsalPlan) -> None:
+    """Refuse to start when a namespace of the plan exists: teardown would remove it."""
+    wanted = {plan.network.bridge_netns, *(h.netns for h in plan.network.hosts)}
+    taken = sorted(wanted & set(netns.list_namespaces()))
+    if taken:
+        raise RehearsalFailed(
+            f"namespaces {', '.join(taken)} already exist: another rehearsal uses run id "
+            f"{plan.run!r} (stop it with `rehearse.py down --state-dir <its dir>`, or pick "
+            "another --run)"
+        )
+
+
 # --------------------------------------------------------------------------- bring-up
 
 
@@ -267,6 +279,14 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
     return [line for line in text.splitlines() if line.strip()][-lines:]
 
 
+def exit_text(code: int) -> str:
+    """`exited with status 1`, or `was killed by SIGKILL` for a negative Popen returncode."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with status {code}"
+
+
 def _describe(spec: ProcessSpec) -> str:
     if spec.pod is not None:
         return f"pod {spec.pod} ({spec.program})"
@@ -290,7 +310,7 @@ def _failure_report(
         tail = log_tail(log)
         errors = [line for line in tail if "ERROR" in line or "error" in line.lower()]
         reason = (errors or tail or ["(no output)"])[-1]
-        lines.append(f"{_describe(spec)} exited with status {code}: {reason}")
+        lines.append(f"{_describe(spec)} {exit_text(code)}: {reason}")
         lines.append(f"    log: {log}")
     return "\n".join(lines)
 
@@ -369,7 +389,7 @@ def check_alive(state: netns.State) -> None:
         code = child.poll() if child is not None else None
         if child is not None and code is not None:
             reason = (log_tail(Path(record.log), 1) or ["(no output)"])[-1]
-            dead.append(f"{record.name} (pid {record.pid}) exited with status {code}: {reason}")
+            dead.append(f"{record.name} (pid {record.pid}) {exit_text(code)}: {reason}")
     if dead:
         raise RehearsalFailed("\n".join(dead))
 
@@ -427,8 +447,17 @@ def stop_supervisor(layout: Layout, timeout: float) -> bool:
 # --------------------------------------------------------------------------- teardown
 
 
+def supervisor_log(state: netns.State) -> Path:
+    """Where a detached rehearsal writes what it would have printed."""
+    return netns.log_dir(state) / "supervisor.log"
+
+
 def teardown(layout: Layout, state: netns.State, *, keep_logs: bool = False) -> list[str]:
-    """Remove every namespace, process and file of the rehearsal; what could not be removed."""
+    """Remove every namespace, process and file of the rehearsal; what could not be removed.
+
+    With `keep_logs` (a failed run) the process logs and a detached run's own log stay."""
+    if not keep_logs:
+        supervisor_log(state).unlink(missing_ok=True)
     problems = netns.teardown(state, keep_logs=keep_logs)
     if not problems:
         shutil.rmtree(layout.hosts, ignore_errors=True)

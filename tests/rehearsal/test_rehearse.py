@@ -216,6 +216,17 @@ def test_staging_detached_multi_node_group_verifies_and_down_removes_it(
         )
         assert status.returncode == 0, status.stdout
         assert f"{len(pids)}/{len(pids)} processes running" in status.stdout
+        # A second rehearsal with the same run id must not start, let alone tear this one down.
+        twin = Run("staging", state_parent / "twin")
+        clash = subprocess.run(
+            [*REHEARSE, "--stack", "staging", "--state-dir", str(twin.state_dir), "--run", run.run],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert clash.returncode == 1
+        assert f"already exist: another rehearsal uses run id '{run.run}'" in clash.stderr
         result = verify(run, tmp_path)
         assert_verified(run, result, tmp_path)
         assert "qwen3-vl-32b-0-1" in result.stdout  # the worker's host was checked
