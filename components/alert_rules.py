@@ -11,7 +11,6 @@ stays silent when it should not.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -28,6 +27,7 @@ from components.scrape_config import (
     JOB_VLLM,
     MODEL,
     NODE,
+    label_name,
 )
 from stacks.schema import DeploymentSettings, Settings
 
@@ -45,6 +45,11 @@ CLOCK_OFFSET_FOR_MINUTES: Final = 5
 CLOCK_UNSYNCED_FOR_MINUTES: Final = 10
 REDIS_MEMORY_FOR_MINUTES: Final = 10
 
+# vLLM's HTTP `status` label: "5.." matches a grouped "5xx" (the instrumentator's default)
+# as well as a plain "503".
+SERVER_ERROR: Final = 'status=~"5.."'
+NOT_SERVER_ERROR: Final = 'status!~"5.."'
+
 # Prometheus alert templates (Go text/template), kept out of f-strings for readability.
 VALUE: Final = "{{ $value | humanize }}"
 VALUE_PERCENT: Final = "{{ $value | humanizePercentage }}"
@@ -59,12 +64,12 @@ def label(key: str) -> str:
 
 def ksm_label(key: str) -> str:
     """The metric label kube-state-metrics makes of an allow-listed Kubernetes label."""
-    return "label_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+    return "label_" + label_name(key)
 
 
-def selector(metric: str, **matchers: str) -> str:
-    """`metric{k="v",...}` with equality matchers."""
-    inner = ",".join(f'{key}="{value}"' for key, value in matchers.items())
+def selector(metric: str, *written: str, **matchers: str) -> str:
+    """`metric{k="v",...}`: equality matchers, then matchers already written (`SERVER_ERROR`)."""
+    inner = ",".join([*(f'{key}="{value}"' for key, value in matchers.items()), *written])
     return f"{metric}{{{inner}}}"
 
 
@@ -223,7 +228,7 @@ def _gateway_rules(s: Settings) -> list[Alert]:
     # stub_status (the nginx exporter's only source) has no status codes, so the ratio
     # comes from vLLM's own HTTP metrics for the requests the gateway proxied to it;
     # 502/504 that nginx produces itself show up as VllmEngineDown / VllmMetricsAbsent.
-    errors = f'http_requests_total{{job="{JOB_VLLM}",status=~"5.."}}'
+    errors = selector("http_requests_total", SERVER_ERROR, job=JOB_VLLM)
     total = selector("http_requests_total", job=JOB_VLLM)
     expr = (
         f"(sum by ({by}) (rate({errors}[{RATE_WINDOW}])) / "

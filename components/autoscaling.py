@@ -23,13 +23,13 @@ from typing import Any, Final
 import pulumi
 import pulumi_kubernetes as k8s
 
+from components.alert_rules import selector
 from components.naming import (
     KEDA_NAMESPACE,
-    NODE_ROLE_LABEL,
-    SYSTEM_ROLE,
     TYPE_PREFIX,
     common_labels,
     lws_name,
+    system_node_selector,
 )
 from components.scrape_config import DEPLOYMENT, JOB_VLLM
 from components.versions import KEDA, helm_chart
@@ -49,7 +49,7 @@ SCALE_DOWN_PERIOD_SECONDS: Final = 60
 
 
 def _vllm(metric: str, deployment: str) -> str:
-    return f'{metric}{{job="{JOB_VLLM}",{DEPLOYMENT}="{deployment}"}}'
+    return selector(metric, job=JOB_VLLM, **{DEPLOYMENT: deployment})
 
 
 def queue_query(deployment: str) -> str:
@@ -169,7 +169,7 @@ def build_scaled_object(
 
 
 def build_keda_values() -> dict[str, Any]:
-    return {"nodeSelector": {NODE_ROLE_LABEL: SYSTEM_ROLE}}
+    return {"nodeSelector": system_node_selector()}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -27,11 +27,13 @@ from components.naming import (
     GPU_ROLE,
     GPU_TAINT_EFFECT,
     GPU_TAINT_KEY,
+    INSTANCE_TYPE_LABEL,
     LWS_NAMESPACE,
     NODE_ROLE_LABEL,
     SYSTEM_NAMESPACE,
-    SYSTEM_ROLE,
     TYPE_PREFIX,
+    gpu_node_selector,
+    system_node_selector,
 )
 from components.versions import (
     CLUSTER_AUTOSCALER,
@@ -41,6 +43,7 @@ from components.versions import (
     NVIDIA_DEVICE_PLUGIN,
     helm_chart,
 )
+from stacks.catalog import INSTANCE_TYPES
 
 TYPE = f"{TYPE_PREFIX}:platform:ClusterAddons"
 CLUSTER_AUTOSCALER_SERVICE_ACCOUNT: Final = "cluster-autoscaler"
@@ -57,8 +60,8 @@ CRITICAL_ADDONS_TOLERATION: Final[Mapping[str, str]] = {
 }
 # Helm release names that differ from the chart key.
 RELEASE_NAMES: Final[Mapping[str, str]] = {DCGM_EXPORTER: DCGM_EXPORTER_NAME}
-SYSTEM_NODES: Final[Mapping[str, str]] = {NODE_ROLE_LABEL: SYSTEM_ROLE}
-GPU_NODES: Final[Mapping[str, str]] = {NODE_ROLE_LABEL: GPU_ROLE}
+SYSTEM_NODES: Final[Mapping[str, str]] = system_node_selector()
+GPU_NODES: Final[Mapping[str, str]] = gpu_node_selector()
 
 
 def _required_node_label(key: str, value: str) -> dict[str, Any]:
@@ -81,10 +84,17 @@ def build_nvidia_device_plugin_values() -> dict[str, Any]:
 
 def build_efa_device_plugin_values() -> dict[str, Any]:
     """facts §A4: the chart tolerates only CriticalAddonsOnly, so without the GPU toleration it
-    never runs on GPU nodes and pods asking for vpc.amazonaws.com/efa stay Pending."""
+    never runs on GPU nodes and pods asking for vpc.amazonaws.com/efa stay Pending.
+
+    The chart also requires the node's instance type to be in `supportedInstanceLabels`, whose
+    default list at the pinned version has no p4d/p4de (facts §A4), types the catalog lets an EFA
+    group use. Every EFA type of the catalog replaces it; our EFA label still picks the nodes.
+    """
+    efa_types = sorted(name for name, t in INSTANCE_TYPES.items() if t.efa_supported)
     return {
         "nodeSelector": {EFA_LABEL: "true"},
         "tolerations": [dict(GPU_TOLERATION), dict(CRITICAL_ADDONS_TOLERATION)],
+        "supportedInstanceLabels": {"keys": [INSTANCE_TYPE_LABEL], "values": efa_types},
     }
 
 

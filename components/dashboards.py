@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from components.alert_rules import ksm_label, selector
+from components.alert_rules import NOT_SERVER_ERROR, ksm_label, selector
 from components.naming import NODE_GROUP_LABEL
 from components.scrape_config import (
     DEPLOYMENT,
@@ -42,6 +42,7 @@ PANELS_PER_LINE: Final = 3
 PANEL_HEIGHT: Final = 8
 WINDOW: Final = "5m"
 QUANTILES: Final = (0.5, 0.95, 0.99)
+NODE_LEGEND: Final = "{{" + NODE + "}}"
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,6 @@ def _datasource_variable() -> dict[str, Any]:
         "label": "Data source",
         "type": "datasource",
         "query": "prometheus",
-        "current": {},
         "hide": 0,
         "refresh": 1,
         "regex": "",
@@ -214,7 +214,7 @@ def inference_rows(s: Settings) -> list[Row]:
 def _gateway_row(s: Settings) -> Row:
     nginx = selector("nginx_http_requests_total", job=JOB_NGINX)
     engine = selector("http_requests_total", job=JOB_VLLM)
-    ok = f'http_requests_total{{job="{JOB_VLLM}",status!~"5.."}}'
+    ok = selector("http_requests_total", NOT_SERVER_ERROR, job=JOB_VLLM)
     connections = tuple(
         Query(f"sum({selector(f'nginx_connections_{state}', job=JOB_NGINX)})", state)
         for state in ("active", "reading", "writing", "waiting")
@@ -256,10 +256,10 @@ def deployment_title(s: Settings, d: DeploymentSettings) -> str:
 def _deployment_row(s: Settings, d: DeploymentSettings) -> Row:
     a = s.monitoring.alerts
 
-    def m(metric: str, **extra: str) -> str:
-        return selector(metric, job=JOB_VLLM, deployment=d.name, **extra)
+    def m(metric: str, *written: str) -> str:
+        return selector(metric, *written, job=JOB_VLLM, deployment=d.name)
 
-    ok = f'http_requests_total{{job="{JOB_VLLM}",deployment="{d.name}",status!~"5.."}}'
+    ok = m("http_requests_total", NOT_SERVER_ERROR)
     by_group = f"sum by ({GROUP}) "
     panels = [
         Panel(
@@ -376,31 +376,30 @@ def _gpu_row(g: GpuNodeGroupSettings) -> Row:
 
     used = per_node("sum", "DCGM_FI_DEV_FB_USED")
     free = per_node("sum", "DCGM_FI_DEV_FB_FREE")
-    node = f"{{{{{NODE}}}}}"
     return Row(
         f"GPU node group {g.name} ({g.instance_type})",
         (
             Panel(
                 "GPU utilisation (mean per node)",
-                (Query(per_node("avg", "DCGM_FI_DEV_GPU_UTIL"), node),),
+                (Query(per_node("avg", "DCGM_FI_DEV_GPU_UTIL"), NODE_LEGEND),),
                 "percent",
                 max=100,
             ),
             Panel(
                 "GPU memory used (share per node)",
-                (Query(f"({used}) / (({used}) + ({free}))", node),),
+                (Query(f"({used}) / (({used}) + ({free}))", NODE_LEGEND),),
                 "percentunit",
                 max=1,
             ),
-            Panel("GPU memory used (per node)", (Query(used, node),), "mbytes"),
+            Panel("GPU memory used (per node)", (Query(used, NODE_LEGEND),), "mbytes"),
             Panel(
                 "GPU temperature (hottest per node)",
-                (Query(per_node("max", "DCGM_FI_DEV_GPU_TEMP"), node),),
+                (Query(per_node("max", "DCGM_FI_DEV_GPU_TEMP"), NODE_LEGEND),),
                 "celsius",
             ),
             Panel(
                 "GPU power (per node)",
-                (Query(per_node("sum", "DCGM_FI_DEV_POWER_USAGE"), node),),
+                (Query(per_node("sum", "DCGM_FI_DEV_POWER_USAGE"), NODE_LEGEND),),
                 "watt",
             ),
             Panel(
@@ -408,7 +407,7 @@ def _gpu_row(g: GpuNodeGroupSettings) -> Row:
                 (
                     Query(
                         per_node("max", "DCGM_FI_DEV_XID_ERRORS", f"{NODE}, gpu"),
-                        f"{node} GPU {{{{gpu}}}}",
+                        f"{NODE_LEGEND} GPU {{{{gpu}}}}",
                     ),
                 ),
                 "none",
@@ -457,26 +456,29 @@ def _redis_row(s: Settings) -> Row:
 
 def _clock_row(s: Settings) -> Row:
     limit = s.monitoring.alerts.clock_offset_seconds
-    node = f"{{{{{NODE}}}}}"
     return Row(
         "Node clocks (chrony)",
         (
             Panel(
                 "Clock offset per node (absolute)",
-                (Query(f"abs({selector('node_timex_offset_seconds', job=JOB_NODE)})", node),),
+                (
+                    Query(
+                        f"abs({selector('node_timex_offset_seconds', job=JOB_NODE)})", NODE_LEGEND
+                    ),
+                ),
                 "s",
                 f"Red line: the {limit * 1000:g} ms alert threshold.",
                 threshold=limit,
             ),
             Panel(
                 "Clock synchronised (1 = yes)",
-                (Query(selector("node_timex_sync_status", job=JOB_NODE), node),),
+                (Query(selector("node_timex_sync_status", job=JOB_NODE), NODE_LEGEND),),
                 "none",
                 max=1,
             ),
             Panel(
                 "Clock maximum error per node",
-                (Query(selector("node_timex_maxerror_seconds", job=JOB_NODE), node),),
+                (Query(selector("node_timex_maxerror_seconds", job=JOB_NODE), NODE_LEGEND),),
                 "s",
             ),
         ),

@@ -27,12 +27,11 @@ from components.naming import (
     GATEWAY_TLS_PORT,
     NAME_LABEL,
     NGINX_EXPORTER_PORT,
-    NODE_ROLE_LABEL,
-    SYSTEM_ROLE,
     TYPE_PREFIX,
     ZONE_LABEL,
     common_labels,
     gateway_internal_url,
+    system_node_selector,
 )
 from components.nginx_conf import (
     API_KEYS_FILE,
@@ -304,7 +303,7 @@ _HARDENED: k8s.core.v1.SecurityContextArgsDict = {
 def build_pod_spec(args: GatewayArgs, selector: Mapping[str, str]) -> k8s.core.v1.PodSpecArgsDict:
     p = args.conf.paths
     return {
-        "node_selector": {NODE_ROLE_LABEL: SYSTEM_ROLE},
+        "node_selector": system_node_selector(),
         "topology_spread_constraints": [
             {
                 "max_skew": 1,

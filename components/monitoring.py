@@ -17,7 +17,6 @@ so the monitors do not depend on the port names other components chose.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -39,18 +38,18 @@ from components.naming import (
     NGINX_EXPORTER_PORT,
     NODE_EXPORTER_PORT,
     NODE_GROUP_LABEL,
-    NODE_ROLE_LABEL,
     PROMETHEUS_PORT,
     REDIS_EXPORTER_PORT,
     REDIS_NAME,
-    SYSTEM_ROLE,
     TYPE_PREFIX,
     VLLM_METRICS_PATH,
     VLLM_PORT,
     common_labels,
     lws_name,
     service_host,
+    system_node_selector,
 )
+from components.redis import gp3_storage_class
 from components.scrape_config import (
     DEPLOYMENT,
     GROUP,
@@ -62,6 +61,7 @@ from components.scrape_config import (
     METRICS_PATH,
     MODEL,
     NODE,
+    label_name,
 )
 from components.versions import KUBE_PROMETHEUS_STACK, helm_chart
 
@@ -81,14 +81,13 @@ GRAFANA_PASSWORD_KEY: Final = "admin-password"
 DASHBOARD_LABEL: Final = "grafana_dashboard"
 DASHBOARD_LABEL_VALUE: Final = "1"
 STORAGE_CLASS: Final = "monitoring-gp3"
-EBS_CSI_PROVISIONER: Final = "ebs.csi.aws.com"
 # Helm keeps an object carrying this annotation on uninstall (Grafana's PVC is Helm's own).
 HELM_KEEP: Final = {"helm.sh/resource-policy": "keep"}
 # Prometheus deletes the oldest blocks above this share of its volume, before the disk fills.
 RETENTION_SIZE_SHARE: Final = 0.85
 # prometheus-node-exporter's pod label (its chart name); set explicitly so it cannot drift.
 NODE_EXPORTER_NAME: Final = "prometheus-node-exporter"
-SYSTEM_NODES: Final[Mapping[str, str]] = {NODE_ROLE_LABEL: SYSTEM_ROLE}
+SYSTEM_NODES: Final[Mapping[str, str]] = system_node_selector()
 
 
 def prometheus_url() -> str:
@@ -101,7 +100,7 @@ def grafana_url() -> str:
 
 def meta_pod_label(key: str) -> str:
     """Prometheus' Kubernetes SD name for a pod label (invalid characters become `_`)."""
-    return "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+    return "__meta_kubernetes_pod_label_" + label_name(key)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -329,7 +328,13 @@ class Monitoring(pulumi.ComponentResource):
             metadata={"name": MONITORING_NAMESPACE, "labels": labels},
             opts=self._child(depends_on=list(args.depends_on), protect=protect),
         )
-        storage = self._storage_class(name, protect, labels)
+        storage = gp3_storage_class(
+            f"{name}-storage-class",
+            STORAGE_CLASS,
+            labels,
+            protect=protect,
+            opts=self._child(protect=protect),
+        )
         secret = k8s.core.v1.Secret(
             f"{name}-grafana-admin",
             metadata={
@@ -369,21 +374,6 @@ class Monitoring(pulumi.ComponentResource):
 
     def _child(self, **kwargs: Any) -> pulumi.ResourceOptions:
         return pulumi.ResourceOptions(parent=self, **kwargs)
-
-    def _storage_class(
-        self, name: str, protect: bool, labels: Mapping[str, str]
-    ) -> k8s.storage.v1.StorageClass:
-        return k8s.storage.v1.StorageClass(
-            f"{name}-storage-class",
-            metadata={"name": STORAGE_CLASS, "labels": dict(labels)},
-            provisioner=EBS_CSI_PROVISIONER,
-            parameters={"type": "gp3", "encrypted": "true"},
-            reclaim_policy="Retain" if protect else "Delete",
-            # Bind where the pod is scheduled: EBS volumes live in one AZ.
-            volume_binding_mode="WaitForFirstConsumer",
-            allow_volume_expansion=True,
-            opts=self._child(protect=protect),
-        )
 
     def _release(
         self,

@@ -31,6 +31,16 @@ LWS_GROUP_INDEX_LABEL: Final = "leaderworkerset.sigs.k8s.io/group-index"
 SYSTEM_ROLE: Final = "system"
 GPU_ROLE: Final = "gpu"
 
+
+def system_node_selector() -> dict[str, str]:
+    """Pods of the gateway, Redis, the web UI, monitoring and add-on controllers run here."""
+    return {NODE_ROLE_LABEL: SYSTEM_ROLE}
+
+
+def gpu_node_selector() -> dict[str, str]:
+    return {NODE_ROLE_LABEL: GPU_ROLE}
+
+
 # Every GPU node carries this taint so only pods that ask for GPUs land there.
 GPU_TAINT_KEY: Final = "nvidia.com/gpu"
 GPU_TAINT_VALUE: Final = "true"
@@ -60,6 +70,9 @@ WEBUI_PORT: Final = 8080
 GATEWAY_NAME: Final = "gateway"
 REDIS_NAME: Final = "redis"
 WEBUI_NAME: Final = "webui"
+
+# Generated credentials: letters and digits only, as they go into headers, URLs and config files.
+PASSWORD_LENGTH: Final = 40
 
 # Secrets (built from Pulumi secrets; referenced, never inlined).
 GATEWAY_KEYS_SECRET: Final = "gateway-api-keys"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -13,16 +11,13 @@ import pulumi_aws as aws
 
 from components.eks_spec import s3_gateway_service_name
 from components.naming import TYPE_PREFIX
+from components.subnet_plan import build_subnet_cidrs
 from stacks.schema import NetworkSettings
 
 TYPE = f"{TYPE_PREFIX}:platform:Network"
 # Load balancer subnet discovery (AWS Load Balancer Controller and the in-tree controller).
 PUBLIC_ELB_TAG = "kubernetes.io/role/elb"
 INTERNAL_ELB_TAG = "kubernetes.io/role/internal-elb"
-# AWS requires subnets of at least /28.
-_SMALLEST_SUBNET = 28
-# Public subnets hold only NAT gateways and load balancer ENIs: 1/16 of a private subnet's size.
-_PUBLIC_SHRINK_BITS = 4
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,25 +27,6 @@ class NetworkArgs:
     # Subnets are tagged kubernetes.io/cluster/<name>: shared for load balancer discovery.
     cluster_name: str
     tags: Mapping[str, str]
-
-
-def build_subnet_cidrs(cidr: str, zones: int) -> list[tuple[str, str]]:
-    """(private, public) CIDRs per AZ. Pods take their IPs from the private subnets (VPC CNI), so
-    those get equal, large slices of the VPC; the last slice is cut into the small public ones.
-
-    10.0.0.0/16 with 2 or 3 AZs: private /18s at 10.0.0.0, 10.0.64.0, (10.0.128.0); public /22s
-    at 10.0.192.0, 10.0.196.0, (10.0.200.0).
-    """
-    vpc = ipaddress.ip_network(cidr)
-    bits = math.ceil(math.log2(zones + 1))
-    slices = list(vpc.subnets(prefixlen_diff=bits))
-    public_prefix = slices[0].prefixlen + _PUBLIC_SHRINK_BITS
-    if public_prefix > _SMALLEST_SUBNET:
-        raise ValueError(
-            f"{cidr} is too small for {zones} AZs (public subnets would be /{public_prefix})"
-        )
-    public = list(slices[-1].subnets(new_prefix=public_prefix))
-    return [(str(slices[i]), str(public[i])) for i in range(zones)]
 
 
 class Network(pulumi.ComponentResource):

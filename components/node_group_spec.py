@@ -21,7 +21,7 @@ from components.naming import (
     INSTANCE_TYPE_LABEL,
     NODE_GROUP_LABEL,
     NODE_ROLE_LABEL,
-    SYSTEM_ROLE,
+    system_node_selector,
 )
 from stacks.catalog import InstanceType
 
@@ -85,7 +85,7 @@ def build_gpu_labels(group: str, *, efa: bool, extra: Mapping[str, str]) -> dict
 
 
 def build_system_labels() -> dict[str, str]:
-    return {NODE_ROLE_LABEL: SYSTEM_ROLE}
+    return system_node_selector()
 
 
 def build_gpu_taints() -> list[dict[str, str]]:

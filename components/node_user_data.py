@@ -28,8 +28,6 @@ NODECONFIG_CONTENT_TYPE: Final = "application/node.eks.aws"
 CLOUD_CONFIG_CONTENT_TYPE: Final = "text/cloud-config"
 NODECONFIG_API_VERSION: Final = "node.eks.aws/v1alpha1"
 BOUNDARY: Final = "==qwen-vl-serving-node=="
-# cloud-init 22.4's schema accepts unknown top-level keys, so tests also hold the part to these.
-CLOUD_CONFIG_KEYS: Final = frozenset({"write_files", "runcmd"})
 # Critical pods (device plugins, CNI) get the last seconds of a node's shutdown grace period.
 CRITICAL_PODS_GRACE_SECONDS: Final = 15
 # Image pulls in parallel: one 10+ GB vLLM image must not queue the small DaemonSet images.

@@ -11,7 +11,7 @@ says how to let it go). A NetworkPolicy admits only the pods that use it.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pulumi
@@ -24,7 +24,6 @@ from components.naming import (
     MONITORING_NAMESPACE,
     NAME_LABEL,
     NAMESPACE_NAME_LABEL,
-    NODE_ROLE_LABEL,
     PROMETHEUS_POD_LABELS,
     REDIS_CLIENT_LABEL,
     REDIS_CONFIG_SECRET,
@@ -33,10 +32,10 @@ from components.naming import (
     REDIS_PORT,
     REDIS_SECRET,
     STORAGE_PROVISIONER,
-    SYSTEM_ROLE,
     TYPE_PREFIX,
     WEBUI_NAME,
     common_labels,
+    system_node_selector,
 )
 from components.redis_conf import (
     ADMIN_PASSWORD_ENTRY,
@@ -128,14 +127,11 @@ class Redis(pulumi.ComponentResource):
             string_data={USERNAME_ENTRY: APP_USER, PASSWORD_ENTRY: args.app_password},
             opts=child,
         )
-        storage = k8s.storage.v1.StorageClass(
+        storage = gp3_storage_class(
             f"{name}-storage",
-            metadata={"name": pulumi.Output.concat(args.namespace, "-redis-gp3"), "labels": labels},
-            provisioner=STORAGE_PROVISIONER,
-            parameters={"type": "gp3", "encrypted": "true"},
-            reclaim_policy="Retain" if args.protect else "Delete",
-            volume_binding_mode="WaitForFirstConsumer",
-            allow_volume_expansion=True,
+            pulumi.Output.concat(args.namespace, "-redis-gp3"),
+            labels,
+            protect=args.protect,
             opts=kept,
         )
         ports: list[k8s.core.v1.ServicePortArgsDict] = [
@@ -217,6 +213,30 @@ class Redis(pulumi.ComponentResource):
         self.register_outputs(
             {"host": self.host, "port": self.port, "client_secret_name": self.client_secret_name}
         )
+
+
+def gp3_storage_class(
+    resource_name: str,
+    class_name: pulumi.Input[str],
+    labels: Mapping[str, str],
+    *,
+    protect: bool,
+    opts: pulumi.ResourceOptions,
+) -> k8s.storage.v1.StorageClass:
+    """An encrypted gp3 StorageClass of the EBS CSI driver, one per stateful component (Redis,
+    the web UI, Prometheus and Grafana) so that its reclaim policy follows `protect`: Retain
+    keeps the EBS volume when its claim is deleted."""
+    return k8s.storage.v1.StorageClass(
+        resource_name,
+        metadata={"name": class_name, "labels": dict(labels)},
+        provisioner=STORAGE_PROVISIONER,
+        parameters={"type": "gp3", "encrypted": "true"},
+        reclaim_policy="Retain" if protect else "Delete",
+        # Bind where the pod is scheduled: an EBS volume lives in one AZ.
+        volume_binding_mode="WaitForFirstConsumer",
+        allow_volume_expansion=True,
+        opts=opts,
+    )
 
 
 def _ingress(args: RedisArgs) -> list[k8s.networking.v1.NetworkPolicyIngressRuleArgsDict]:
@@ -306,7 +326,7 @@ def build_pod_spec(args: RedisArgs) -> k8s.core.v1.PodSpecArgsDict:
         "security_context": hardened,
     }
     return {
-        "node_selector": {NODE_ROLE_LABEL: SYSTEM_ROLE},
+        "node_selector": system_node_selector(),
         # a Service named "redis" would inject REDIS_PORT=tcp://... into every pod
         "enable_service_links": False,
         "security_context": {

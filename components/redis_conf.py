@@ -202,10 +202,12 @@ LMCACHE_KV_TRANSFER_CONFIG: Final = json.dumps(
     {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}, separators=(",", ":")
 )
 LMCACHE_PASSWORD_ENV: Final = "LMCACHE_REDIS_PASSWORD"
+# Pinned host memory LMCache stages chunks in; it counts against the engine pod's memory.
+LMCACHE_LOCAL_CPU_GIB: Final = 5.0
 
 
 def build_lmcache_env(
-    redis_host: str, port: int, secret_name: str, *, local_cpu_gib: float = 5.0
+    redis_host: str, port: int, secret_name: str, *, local_cpu_gib: float = LMCACHE_LOCAL_CPU_GIB
 ) -> list[dict[str, Any]]:
     """LMCACHE_* environment of an engine container, in Kubernetes API form (camelCase).
 

@@ -9,6 +9,7 @@ No Pulumi imports: the rehearsal imports this module on its own.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -33,6 +34,12 @@ GROUP: Final = "group"
 NODE: Final = "node"
 
 METRICS_PATH: Final = "/metrics"
+
+
+def label_name(key: str) -> str:
+    """A Kubernetes label key as Prometheus names it: Kubernetes service discovery and
+    kube-state-metrics both turn every character not valid in a label name into `_`."""
+    return re.sub(r"[^a-zA-Z0-9_]", "_", key)
 
 
 def leader_labels(deployment: str, model: str, group: int | str) -> dict[str, str]:

@@ -24,7 +24,6 @@ def render_chrony_conf(
     *,
     phc: bool,
     server: str = AMAZON_TIME_SYNC_SERVER,
-    fallback_pool: str | None = AMAZON_PUBLIC_POOL,
     state_dir: str = CHRONY_STATE_DIR,
 ) -> str:
     """The whole chrony.conf of a node.
@@ -32,19 +31,15 @@ def render_chrony_conf(
     + phc: add the ENA PTP hardware clock as a preferred reference (only for instance types and
       regions that support it: stacks.catalog.supports_phc).
     + server: the NTP server polled first (the rehearsal passes its own time server).
-    + fallback_pool: a public pool used only when `server` is unreachable; None for none.
     + state_dir: where chronyd keeps its drift file.
     """
     lines = [
         "# chrony for qwen-vl-serving nodes, rendered by components/time_sync.py.",
         "# The local time server comes first and is preferred; it is polled every 16 s (2^4).",
         f"server {server} prefer iburst minpoll 4 maxpoll 4",
+        "# Backup only, for when the local endpoint cannot be reached.",
+        f"pool {AMAZON_PUBLIC_POOL} iburst",
     ]
-    if fallback_pool is not None:
-        lines += [
-            "# Backup only, for when the local endpoint cannot be reached.",
-            f"pool {fallback_pool} iburst",
-        ]
     if phc:
         lines += [
             "# The ENA PTP hardware clock: microsecond accuracy, no network round trip.",

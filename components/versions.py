@@ -84,9 +84,6 @@ COREDNS: Final = "coredns"
 POD_IDENTITY_AGENT: Final = "eks-pod-identity-agent"
 EBS_CSI_DRIVER: Final = "aws-ebs-csi-driver"
 
-# facts §A2: `efa-only` interfaces need VPC CNI >= 1.18.5 (the CNI must skip the IP-less ENIs).
-VPC_CNI_MIN_FOR_EFA_ONLY: Final = (1, 18, 5)
-
 
 @dataclass(frozen=True, kw_only=True)
 class KubernetesPins:

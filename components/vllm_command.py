@@ -30,10 +30,15 @@ from components.naming import (
     HF_TOKEN_ENTRY,
     LWS_WORKER_INDEX_LABEL,
     MASTER_PORT,
+    REDIS_NAME,
+    REDIS_PORT,
+    REDIS_SECRET,
     VLLM_HEALTH_PATH,
     VLLM_METRICS_PATH,
     VLLM_PORT,
+    service_host,
 )
+from components.redis_conf import LMCACHE_KV_TRANSFER_CONFIG, build_lmcache_env
 from stacks.catalog import InstanceType, instance_type
 from stacks.planner import Plan
 from stacks.schema import DeploymentSettings, GpuNodeGroupSettings, ServingSettings, Settings
@@ -152,6 +157,8 @@ OWNED_FLAGS: Final[Mapping[str, str]] = {
     "shutdown_timeout": "shutdownTimeoutSeconds",
     "load_format": "weights.s3Uri",
     "disable_access_log_for_endpoints": "the probe and metrics paths",
+    # argparse keeps the last of two --kv-transfer-config, which would silently drop LMCache
+    "kv_transfer_config": "kvOffloadRedis (LMCache with Redis, the one KV connector wired here)",
 }
 # Flags extraArgs may not use at all, with why.
 FORBIDDEN_FLAGS: Final[Mapping[str, str]] = {
@@ -349,6 +356,8 @@ def engine_flags(d: DeploymentSettings) -> list[str]:
         flags.append("--enable-expert-parallel")
     if d.weights.s3_uri is not None:
         flags += ["--load-format", "runai_streamer"]
+    if d.kv_offload_redis:
+        flags += ["--kv-transfer-config", LMCACHE_KV_TRANSFER_CONFIG]
     return flags
 
 
@@ -413,6 +422,10 @@ def build_vllm_env(spec: EngineSpec, role: Role = LEADER) -> list[EnvVar]:
     ]
     if spec.hf_token:
         env.append(_secret(HF_TOKEN_ENTRY, spec.secret_name))
+    if d.kv_offload_redis:
+        # every rank: LMCache's connector stores and loads KV inside each GPU worker
+        redis_host = service_host(REDIS_NAME, spec.serving.namespace)
+        env += build_lmcache_env(redis_host, REDIS_PORT, REDIS_SECRET)
     return env
 
 
@@ -489,16 +502,25 @@ def expand_k8s_vars(text: str, env: Mapping[str, str]) -> str:
 
 
 def resolve_env(
-    env: Sequence[EnvVar], injected: Mapping[str, str], fields: Mapping[str, str]
+    env: Sequence[EnvVar],
+    injected: Mapping[str, str],
+    fields: Mapping[str, str],
+    secrets: Mapping[tuple[str, str], str] | None = None,
 ) -> dict[str, str]:
     """The env a container sees: `injected` (LWS) first, then each var in order, expanded.
 
-    `fields` answers downward-API fieldRefs (e.g. status.podIP); secret refs stay unresolved.
+    `fields` answers downward-API fieldRefs (e.g. status.podIP) and `secrets` secretKeyRefs
+    by (Secret name, key); secret refs it does not answer stay unresolved.
     """
     resolved = dict(injected)
     for var in env:
+        source = var.get("valueFrom", {})
         if "value" in var:
             resolved[var["name"]] = expand_k8s_vars(var["value"], resolved)
-        elif "fieldRef" in var["valueFrom"]:
-            resolved[var["name"]] = fields[var["valueFrom"]["fieldRef"]["fieldPath"]]
+        elif "fieldRef" in source:
+            resolved[var["name"]] = fields[source["fieldRef"]["fieldPath"]]
+        elif secrets is not None and "secretKeyRef" in source:
+            ref = source["secretKeyRef"]
+            if (ref["name"], ref["key"]) in secrets:
+                resolved[var["name"]] = secrets[ref["name"], ref["key"]]
     return resolved

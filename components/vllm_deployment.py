@@ -14,17 +14,14 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from components.naming import (
-    DEPLOYMENT_LABEL,
     ENGINE_API_KEY_ENTRY,
-    ENGINE_COMPONENT,
     HF_TOKEN_ENTRY,
     TYPE_PREFIX,
     VLLM_PORT,
-    common_labels,
     service_host,
 )
 from components.vllm_command import EngineSpec, served_model_name
-from components.vllm_pods import build_leader_service, build_lws
+from components.vllm_pods import build_leader_service, build_lws, deployment_labels
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,7 +52,7 @@ class VllmDeployment(pulumi.ComponentResource):
             raise ValueError("spec.hf_token and args.hf_token must agree")
         children = pulumi.ResourceOptions(parent=self, depends_on=list(args.depends_on))
         d = spec.deployment
-        labels = {**common_labels(ENGINE_COMPONENT, d.name), DEPLOYMENT_LABEL: d.name}
+        labels = deployment_labels(d)
 
         entries: dict[str, pulumi.Input[str]] = {ENGINE_API_KEY_ENTRY: args.engine_api_key}
         if args.hf_token is not None:

@@ -153,13 +153,13 @@ def worker_prestop_seconds(d: DeploymentSettings) -> int:
 # --- pods -----------------------------------------------------------------------------------------
 
 
+def deployment_labels(d: DeploymentSettings) -> dict[str, str]:
+    """Labels of everything one deployment creates (Redis's NetworkPolicy selects on them)."""
+    return {**common_labels(ENGINE_COMPONENT, d.name), DEPLOYMENT_LABEL: d.name}
+
+
 def pod_labels(spec: EngineSpec, role: Role) -> dict[str, str]:
-    name = spec.deployment.name
-    return {
-        **common_labels(ENGINE_COMPONENT, name),
-        DEPLOYMENT_LABEL: name,
-        ENGINE_ROLE_LABEL: role,
-    }
+    return {**deployment_labels(spec.deployment), ENGINE_ROLE_LABEL: role}
 
 
 def build_container(spec: EngineSpec, role: Role) -> dict[str, Any]:
@@ -188,7 +188,9 @@ def build_container(spec: EngineSpec, role: Role) -> dict[str, Any]:
         container |= leader_probes(d)
     # Workers get no probes: `vllm serve --headless` has no HTTP server, and its process is
     # the container's PID 1, so a crash already fails the pod and LWS recreates the group. A
-    # hung rank stalls the leader's collectives, which the leader's liveness probe catches.
+    # hung rank stalls the leader's collectives; the leader's liveness probe sees that only
+    # once vLLM declares the engine dead (/health 503), presumably when the mp executor's RPC
+    # timeout (VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS, 300 s) fires: inferred, not observed.
     return container
 
 
@@ -274,7 +276,7 @@ def build_lws_metadata(spec: EngineSpec) -> dict[str, Any]:
     d = spec.deployment
     metadata: dict[str, Any] = {
         "name": lws_name(d.name),
-        "labels": {**common_labels(ENGINE_COMPONENT, d.name), DEPLOYMENT_LABEL: d.name},
+        "labels": deployment_labels(d),
         "annotations": {MODEL_LABEL: f"{d.model}@{d.revision}"},
     }
     if spec.multi_node:
@@ -349,7 +351,7 @@ def build_leader_service(spec: EngineSpec) -> dict[str, Any]:
         "kind": "Service",
         "metadata": {
             "name": leader_service_name(d.name),
-            "labels": {**common_labels(ENGINE_COMPONENT, d.name), DEPLOYMENT_LABEL: d.name},
+            "labels": deployment_labels(d),
             # Pulumi would wait for endpoints, i.e. for a model load of up to an hour
             "annotations": {"pulumi.com/skipAwait": "true"},
         },

@@ -22,15 +22,14 @@ from components.gateway import build_nlb_annotations
 from components.naming import (
     COMPONENT_LABEL,
     NAME_LABEL,
-    NODE_ROLE_LABEL,
-    STORAGE_PROVISIONER,
-    SYSTEM_ROLE,
     TYPE_PREFIX,
     WEBUI_NAME,
     WEBUI_PORT,
     WEBUI_SECRET,
     common_labels,
+    system_node_selector,
 )
+from components.redis import gp3_storage_class
 
 COMPONENT = "chat-ui"
 DATA_DIR = "/app/backend/data"  # the image's DATA_DIR: SQLite database, uploads, caches
@@ -88,14 +87,11 @@ class WebUi(pulumi.ComponentResource):
             },
             opts=child,
         )
-        storage = k8s.storage.v1.StorageClass(
+        storage = gp3_storage_class(
             f"{name}-storage",
-            metadata={"name": pulumi.Output.concat(args.namespace, "-webui-gp3"), "labels": labels},
-            provisioner=STORAGE_PROVISIONER,
-            parameters={"type": "gp3", "encrypted": "true"},
-            reclaim_policy="Retain" if args.protect else "Delete",
-            volume_binding_mode="WaitForFirstConsumer",
-            allow_volume_expansion=True,
+            pulumi.Output.concat(args.namespace, "-webui-gp3"),
+            labels,
+            protect=args.protect,
             opts=kept,
         )
         claim = k8s.core.v1.PersistentVolumeClaim(
@@ -221,7 +217,7 @@ def _pod_spec(args: WebUiArgs, claim: pulumi.Input[str]) -> k8s.core.v1.PodSpecA
         },
     }
     return {
-        "node_selector": {NODE_ROLE_LABEL: SYSTEM_ROLE},
+        "node_selector": system_node_selector(),
         # a Service named "webui" would inject WEBUI_PORT=tcp://... and friends
         "enable_service_links": False,
         "security_context": {"seccomp_profile": {"type": "RuntimeDefault"}},

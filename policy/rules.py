@@ -2,10 +2,10 @@
 
 Every policy reads the resource inputs in their wire form (camelCase keys, Kubernetes
 objects with apiVersion/kind), which is what `pulumi preview --policy-pack policy`
-hands to the analyzer and what the tests' recording mock monitor records, so the
-same functions run in both places. A value that is unknown during preview (an id
-not created yet) makes the SDK skip the policy for that resource with an advisory
-note instead of a false violation.
+hands to the analyzer and what the tests' recording mock monitor records; the tests
+send those records to this pack over the analyzer protocol, as the CLI does. A value
+that is unknown during preview (an id not created yet) makes the SDK skip the policy
+for that resource with an advisory note instead of a false violation.
 
 Enforcement: MANDATORY for what breaks serving or exposes data; ADVISORY for hygiene
 that a team may adopt gradually.
@@ -36,13 +36,14 @@ from components.naming import (
     PROMETHEUS_PORT,
     REDIS_PORT,
 )
+from components.vllm_pods import quantity
 from stacks.planner import format_bytes, min_shm_bytes
-from stacks.rules import DIGEST
+from stacks.rules import DIGEST, MIN_BODY_MIB
 
 SHM_PATH: Final = "/dev/shm"
 # Smallest client_max_body_size that still takes a few base64 images (nginx's default
 # 1 MiB answers them with 413).
-MIN_BODY_BYTES: Final = 10 * 1024 * 1024
+MIN_BODY_BYTES: Final = MIN_BODY_MIB * 1024 * 1024
 # A Service of type LoadBalancer gets an internal NLB only when one of these says so
 # (the in-tree AWS cloud provider defaults to internet-facing).
 LB_SCHEME_ANNOTATION: Final = "service.beta.kubernetes.io/aws-load-balancer-scheme"
@@ -71,12 +72,15 @@ class PodTemplate:
     nodes: int  # pods of one group (LeaderWorkerSet size); 1 for everything else
 
 
+# The analyzer hands policies its own read-only views of the inputs (pulumi_policy's
+# unknown-checking proxies: a Mapping and a Sequence, neither a dict nor a list), so objects
+# and arrays are told apart by those abstract types only.
 def _m(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
 def _seq(value: Any) -> Sequence[Any]:
-    return value if isinstance(value, list | tuple) else ()
+    return value if isinstance(value, Sequence) and not isinstance(value, str | bytes) else ()
 
 
 def kubernetes_object(args: ResourceValidationArgs) -> Mapping[str, Any] | None:
@@ -160,12 +164,6 @@ def quantity_bytes(value: Any) -> int | None:
     return int(float(match.group(1)) * _FACTORS[match.group(2)])
 
 
-def _quantity(n: int) -> str:
-    """Bytes as the Kubernetes quantity a manifest would carry (16Gi, 512Mi)."""
-    gib, mib = 2**30, 2**20
-    return f"{n // gib}Gi" if n % gib == 0 else f"{-(-n // mib)}Mi"
-
-
 def _stack_of(urn: str) -> str:
     # urn:pulumi:<stack>::<project>::<type>::<name>
     return urn.split("::", 1)[0].rsplit(":", 1)[-1]
@@ -202,7 +200,7 @@ def check_gpu_shm(args: ResourceValidationArgs, report: ReportViolation) -> None
                 f"{t.where}: {gpus} GPU(s) per pod x {t.nodes} pod(s) per group need an in-memory "
                 f"/dev/shm of at least {format_bytes(need)} (found {found}); NCCL and vLLM's "
                 "shared-memory queues die with bus errors in the 64 MiB default. Mount an emptyDir "
-                f"{{medium: Memory, sizeLimit: {_quantity(need)}}} at /dev/shm.",
+                f"{{medium: Memory, sizeLimit: {quantity(need)}}} at /dev/shm.",
                 None,
             )
 
@@ -313,9 +311,8 @@ def _load_balancer_blocks(value: Any) -> Iterator[Mapping[str, Any]]:
             yield value
         for v in value.values():
             yield from _load_balancer_blocks(v)
-    elif isinstance(value, list | tuple):
-        for v in value:
-            yield from _load_balancer_blocks(v)
+    for v in _seq(value):
+        yield from _load_balancer_blocks(v)
 
 
 def check_no_public_data_services(args: ResourceValidationArgs, report: ReportViolation) -> None:

@@ -28,12 +28,9 @@ import contextlib
 import json
 import os
 import platform
-import pwd
-import secrets
 import shutil
 import signal
 import statistics
-import string
 import subprocess
 import sys
 import threading
@@ -43,7 +40,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, Any, Final
 
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as a file: make the repo's packages importable
@@ -80,12 +77,15 @@ from scripts.loadtest import (  # noqa: E402
 )
 from scripts.rehearsal import netns  # noqa: E402
 from scripts.rehearsal.plan import (  # noqa: E402
-    NGINX_GROUP,
+    AS_NGINX_USER,
     NGINX_USER,
     PROCESS_PATH,
     STANDIN,
+    base_env,
     nginx_argv,
+    random_password,
 )
+from scripts.rehearsal.runner import chown_to, http_ok  # noqa: E402
 from stacks.settings import load_stack_file, stack_file  # noqa: E402
 
 RUN: Final = "bench"
@@ -98,12 +98,14 @@ ENGINES: Final = ("engine-0", "engine-1", "engine-2")
 VICTIM: Final = "engine-1"
 SOLO, TRIO = "solo", "trio"
 FIGURES: Final = ("overhead", "streaming", "affinity", "failover")
+# What the topology runs: namespaces (ip), nginx dropped to its user (setpriv), the
+# readiness probes (curl), the stand-ins (python3).
+PROGRAMS: Final = ("ip", "setpriv", "curl", "nginx", "python3")
 # The stack's rate limit (20/s per key) would make the limiter the thing measured; it stays
 # in the config (its lookup is part of the gateway's cost) with room for any load here.
 RATE_LIMIT_PER_S: Final = 10_000.0
 RATE_BURST: Final = 10_000
 READY_TIMEOUT_S: Final = 30.0
-KEY_LENGTH: Final = 40
 # (1) and (2) leave out each phase's first second: the users' connection setup. The
 # stand-in listens with Python socketserver's backlog of 5, so when 8 users connect at once
 # one SYN is dropped and retried a second later (uvicorn's backlog is 2048); counting that
@@ -139,25 +141,27 @@ class BenchOptions:
         words = [".venv/bin/python", "scripts/bench.py"]
         if tuple(figures) != FIGURES:
             words += [arg for f in figures for arg in ("--only", f)]
-        for name, flag in OPTION_FLAGS.items():
+        for name, (flag, _) in OPTION_FLAGS.items():
             value = getattr(self, name)
             if value != getattr(defaults, name):
                 words += [flag, _flag_value(value)]
         return " ".join(words)
 
 
+# Every BenchOptions field: its flag and help. The parser, options() and command() read this.
 OPTION_FLAGS: Final = {
-    "users": "--users",
-    "rounds": "--rounds",
-    "round_s": "--round-seconds",
-    "token_delay": "--token-delay",
-    "max_tokens": "--max-tokens",
-    "image_size": "--image-size",
-    "affinity_users": "--affinity-users",
-    "sessions_per_user": "--sessions-per-user",
-    "failover_users": "--failover-users",
-    "failover_s": "--failover-seconds",
-    "kill_after_s": "--kill-after",
+    "users": ("--users", "concurrent users of (1) and (2)"),
+    "rounds": ("--rounds", "interleaved rounds per target in (1) and (2)"),
+    "round_s": ("--round-seconds", "seconds of one round"),
+    "token_delay": ("--token-delay", "the stand-ins' seconds per token"),
+    "max_tokens": ("--max-tokens", "max_tokens of the non-streamed requests"),
+    "image_size": ("--image-size", "the generated PNG, WIDTHxHEIGHT"),
+    "affinity_users": ("--affinity-users", "users of (3)"),
+    "sessions_per_user": ("--sessions-per-user", "session ids per user in (3) and (4)"),
+    "affinity_s": ("--affinity-seconds", "seconds of (3)"),
+    "failover_users": ("--failover-users", "users of (4)"),
+    "failover_s": ("--failover-seconds", "seconds of (4)"),
+    "kill_after_s": ("--kill-after", "seconds into (4) when the engine is killed"),
 }
 
 
@@ -201,16 +205,6 @@ class Topology:
             if self.address(engine) == host:
                 return engine
         return upstream
-
-
-def random_key() -> str:
-    alphabet = string.ascii_letters + string.digits
-    return "".join(secrets.choice(alphabet) for _ in range(KEY_LENGTH))
-
-
-def _chown(path: Path, user: str) -> None:
-    entry = pwd.getpwnam(user)
-    os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
 def render_bench_conf(
@@ -290,14 +284,14 @@ def _bring_up(state: netns.State, network: netns.Network, opts: BenchOptions) ->
         state=state,
         network=network,
         engines={},
-        client_key=random_key(),
-        engine_key=random_key(),
+        client_key=random_password(),
+        engine_key=random_password(),
         access_log=run_dir / "access.log",
         served_model=model,
         affinity_header=header,
     )
     conf = _write_gateway_files(state, paths, conf_text, topo)
-    env = {"PATH": PROCESS_PATH, "LANG": "C.UTF-8", "VLLM_API_KEY": topo.engine_key}
+    env = {**base_env(), "VLLM_API_KEY": topo.engine_key}
     for engine in ENGINES:
         proc = netns.start_process(
             state,
@@ -321,11 +315,10 @@ def _bring_up(state: netns.State, network: netns.Network, opts: BenchOptions) ->
         topo.engines[engine] = proc.pid
     for engine in ENGINES:
         _wait_http(topo, f"{topo.engine_url(engine)}/health", engine)
-    drop = ("setpriv", f"--reuid={NGINX_USER}", f"--regid={NGINX_GROUP}", "--clear-groups")
     netns.start_process(
         state,
         topo.netns(GATEWAY),
-        [*drop, *nginx_argv(load_stack_file(stack_file(STACK)), conf)],
+        [*AS_NGINX_USER, *nginx_argv(load_stack_file(stack_file(STACK)), conf)],
         name="nginx",
         env={"PATH": PROCESS_PATH},
     )
@@ -344,7 +337,7 @@ def _write_gateway_files(
     secrets_dir, run_dir = Path(paths.secrets_dir), Path(paths.runtime_dir)
     for directory in (secrets_dir, run_dir):
         directory.mkdir(parents=True, exist_ok=True)
-    _chown(run_dir, NGINX_USER)
+    chown_to(run_dir, NGINX_USER)
     files = {
         run_dir.parent / "nginx.conf": conf_text,
         secrets_dir / API_KEYS_FILE: render_api_keys_map({"bench": topo.client_key}),
@@ -354,7 +347,7 @@ def _write_gateway_files(
         state.record_file(path)
         path.write_text(text, encoding="utf-8")
         path.chmod(0o440 if path.parent == secrets_dir else 0o644)
-        _chown(path, NGINX_USER)
+        chown_to(path, NGINX_USER)
     state.record_file(topo.access_log)
     return run_dir.parent / "nginx.conf"
 
@@ -362,12 +355,7 @@ def _write_gateway_files(
 def _wait_http(topo: Topology, url: str, what: str) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
-        check = netns.run_in(
-            topo.netns(CLIENT),
-            ["curl", "-sf", "-o", "/dev/null", "--max-time", "1", url],
-            timeout=5,
-        )
-        if check.returncode == 0:
+        if http_ok(topo.netns(CLIENT), url):
             return
         time.sleep(0.2)
     raise BenchError(
@@ -390,7 +378,12 @@ def plan_phases(topo: Topology, opts: BenchOptions, figures: Sequence[str]) -> l
         topo.client_key,
         Route(SOLO, topo.served_model, f"/{SOLO}{CHAT_PATH}"),
     )
-    common = {
+    trio = (
+        topo.gateway_url,
+        topo.client_key,
+        Route(TRIO, topo.served_model, f"/{TRIO}{CHAT_PATH}"),
+    )
+    common: dict[str, Any] = {
         "users": opts.users,
         "spawn_rate": 50.0,
         "duration_s": opts.round_s,
@@ -401,6 +394,11 @@ def plan_phases(topo: Topology, opts: BenchOptions, figures: Sequence[str]) -> l
         "session_header": topo.affinity_header,
         "timeout_s": 30.0,
     }
+
+    def phase(name: str, target: tuple[str, str, Route], **changes: Any) -> PhaseSpec:
+        url, key, route = target
+        return PhaseSpec(**common | changes, name=name, base_url=url, api_key=key, routes=(route,))
+
     phases: list[PhaseSpec] = []
     for index in range(opts.rounds):
         order = [("direct", direct), ("gateway", gateway)]
@@ -409,45 +407,38 @@ def plan_phases(topo: Topology, opts: BenchOptions, figures: Sequence[str]) -> l
         for figure, stream in (("overhead", False), ("streaming", True)):
             if figure not in figures:
                 continue
-            for name, (url, key, route) in order:
-                phases.append(
-                    PhaseSpec(
-                        name=f"{figure}/{name}/{index}",
-                        base_url=url,
-                        api_key=key,
-                        routes=(route,),
-                        stream_ratio=1.0 if stream else 0.0,
-                        max_tokens=None if stream else opts.max_tokens,
-                        seed=index + 1,
-                        **common,
-                    )
+            phases += [
+                phase(
+                    f"{figure}/{name}/{index}",
+                    target,
+                    stream_ratio=1.0 if stream else 0.0,
+                    max_tokens=None if stream else opts.max_tokens,
+                    seed=index + 1,
                 )
-    trio = (Route(TRIO, topo.served_model, f"/{TRIO}{CHAT_PATH}"),)
-    if "affinity" in figures:
-        phases.append(
-            PhaseSpec(
-                **common | {"users": opts.affinity_users, "duration_s": opts.affinity_s},
-                name="affinity",
-                base_url=topo.gateway_url,
-                api_key=topo.client_key,
-                routes=trio,
-                stream_ratio=0.0,
-                max_tokens=opts.max_tokens,
-                sessions_per_user=opts.sessions_per_user,
+                for name, target in order
+            ]
+    # (3) and (4): sessions over all three engines, non-streamed and streamed.
+    trio_phases: tuple[tuple[str, int, float, dict[str, Any]], ...] = (
+        (
+            "affinity",
+            opts.affinity_users,
+            opts.affinity_s,
+            {"stream_ratio": 0.0, "max_tokens": opts.max_tokens},
+        ),
+        ("failover", opts.failover_users, opts.failover_s, {"stream_ratio": 1.0}),
+    )
+    for name, users, duration_s, mode in trio_phases:
+        if name in figures:
+            phases.append(
+                phase(
+                    name,
+                    trio,
+                    users=users,
+                    duration_s=duration_s,
+                    sessions_per_user=opts.sessions_per_user,
+                    **mode,
+                )
             )
-        )
-    if "failover" in figures:
-        phases.append(
-            PhaseSpec(
-                **common | {"users": opts.failover_users, "duration_s": opts.failover_s},
-                name="failover",
-                base_url=topo.gateway_url,
-                api_key=topo.client_key,
-                routes=trio,
-                stream_ratio=1.0,
-                sessions_per_user=opts.sessions_per_user,
-            )
-        )
     return phases
 
 
@@ -983,37 +974,36 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--records", type=Path, help=f"raw CSVs here (default {DEFAULT_RECORDS_ROOT}/<date>)"
     )
-    p.add_argument("--users", type=int, default=d.users, help="concurrency of (1) and (2)")
-    p.add_argument("--rounds", type=int, default=d.rounds, help="interleaved rounds per target")
-    p.add_argument("--round-seconds", dest="round_s", type=float, default=d.round_s)
-    p.add_argument("--token-delay", type=float, default=d.token_delay, help="stand-in s/token")
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
-    p.add_argument("--image-size", default=_flag_value(d.image_size))
-    p.add_argument("--affinity-users", type=int, default=d.affinity_users)
-    p.add_argument("--sessions-per-user", type=int, default=d.sessions_per_user)
-    p.add_argument("--failover-users", type=int, default=d.failover_users)
-    p.add_argument("--failover-seconds", dest="failover_s", type=float, default=d.failover_s)
-    p.add_argument("--kill-after", dest="kill_after_s", type=float, default=d.kill_after_s)
+    for name, (flag, text) in OPTION_FLAGS.items():
+        default = getattr(d, name)
+        # WIDTHxHEIGHT stays text here: options() parses it into a clean error message.
+        kind = str if isinstance(default, tuple) else type(default)
+        p.add_argument(
+            flag,
+            dest=name,
+            type=kind,
+            default=_flag_value(default),
+            help=f"{text} (default {_flag_value(default)})",
+        )
     return p
 
 
 def options(args: argparse.Namespace) -> BenchOptions:
-    opts = BenchOptions(
-        users=args.users,
-        rounds=args.rounds,
-        round_s=args.round_s,
-        token_delay=args.token_delay,
-        max_tokens=args.max_tokens,
-        image_size=parse_size(args.image_size),
-        affinity_users=args.affinity_users,
-        sessions_per_user=args.sessions_per_user,
-        failover_users=args.failover_users,
-        failover_s=args.failover_s,
-        kill_after_s=args.kill_after_s,
-    )
+    values: dict[str, Any] = {name: getattr(args, name) for name in OPTION_FLAGS}
+    values["image_size"] = parse_size(values["image_size"])
+    opts = BenchOptions(**values)
     if opts.rounds < 1 or not 0 < opts.kill_after_s < opts.failover_s:
         raise BenchError("--rounds must be >= 1 and --kill-after within the failover phase")
     return opts
+
+
+def check_prerequisites() -> None:
+    """Root (network namespaces) and the programs the topology runs, from the Debian packages."""
+    if os.geteuid() != 0:
+        raise BenchError("the bench needs root: it creates network namespaces")
+    missing = [p for p in PROGRAMS if shutil.which(p, path=PROCESS_PATH) is None]
+    if missing:
+        raise BenchError(f"missing programs: {', '.join(missing)} (install them with `make debs`)")
 
 
 def down(state_dir: Path) -> int:
@@ -1031,8 +1021,7 @@ def down(state_dir: Path) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        if os.geteuid() != 0 or shutil.which("ip") is None:
-            raise BenchError("the bench needs root and `ip` (it creates network namespaces)")
+        check_prerequisites()
         if args.command == "down":
             return down(args.state_dir)
         opts = options(args)

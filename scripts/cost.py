@@ -5,13 +5,14 @@
   git show origin/main:Pulumi.prod.yaml > /tmp/base.yaml
   scripts/cost.py --stack prod --base-file /tmp/base.yaml --markdown   (the PR comment)
 
-Prices come from stacks/prices.py (AWS public on-demand list prices for us-east-1, with
-their source and date); a month is 730 hours. Counted: GPU and system nodes (at desired
-size, and at max size as a ceiling), the EKS control plane, NAT gateways and their
-public IPv4 addresses, the gateway's NLB, and gp3 volumes (node roots, Redis,
-Prometheus, Grafana, web UI, weight PVCs). Not counted, and said so in the output:
-data processed by NAT (unless --nat-gb), NLB LCUs, data transfer, CloudWatch, ECR/S3
-storage, and any discount (Spot, Savings Plans, Capacity Blocks are priced on-demand).
+Prices come from stacks/prices.py (AWS public on-demand list prices for us-east-1, written
+from memory and unchecked: the output says so, with the pages to refresh them from); a
+month is 730 hours. Counted: GPU and system nodes (at desired size, and at max size as a
+ceiling), the EKS control plane, NAT gateways and their public IPv4 addresses, the
+gateway's NLB, and gp3 volumes (node roots, Redis, Prometheus, Grafana, web UI, weight
+PVCs). Not counted, and said so in the output: data processed by NAT (unless --nat-gb),
+NLB LCUs, data transfer, CloudWatch, ECR/S3 storage, and any discount (Spot, Savings
+Plans, Capacity Blocks are priced on-demand).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def _hourly(instance_type: str, key: str) -> Decimal:
     if price is None:
         raise CostError(
             f"{key}={instance_type}: no price in stacks/prices.py; add its on-demand hourly "
-            f"price for {prices.REGION} from https://aws.amazon.com/ec2/pricing/on-demand/"
+            f"price for {prices.REGION} from {prices.EC2_PRICING_PAGE}"
         )
     return price
 
@@ -95,26 +96,35 @@ def _hours(hourly: Decimal, count: int) -> Decimal:
 
 def _node_lines(s: Settings) -> Iterable[Line]:
     for i, g in enumerate(s.gpu_node_groups):
-        hourly = _hourly(g.instance_type, f"gpuNodeGroups[{i}].instanceType")
-        yield Line(
+        yield _node_line(
             f"GPU nodes {g.name}",
-            f"{g.desired_size} (max {g.max_size}) x {g.instance_type} {g.capacity_type}",
-            f"${hourly}/h",
-            _hours(hourly, g.desired_size),
-            _hours(hourly, g.max_size),
+            f"gpuNodeGroups[{i}].instanceType",
+            g.instance_type,
+            (g.desired_size, g.max_size),
+            f" {g.capacity_type}",
         )
     n = s.system_nodes
-    hourly = _hourly(n.instance_type, "systemNodes.instanceType")
-    yield Line(
-        "system nodes",
-        f"{n.desired_size} (max {n.max_size}) x {n.instance_type}",
-        f"${hourly}/h",
-        _hours(hourly, n.desired_size),
-        _hours(hourly, n.max_size),
+    yield _node_line(
+        "system nodes", "systemNodes.instanceType", n.instance_type, (n.desired_size, n.max_size)
     )
     if s.cluster.mode == "new":
         fixed = _hours(prices.EKS_CLUSTER_HOURLY, 1)
         yield Line("EKS control plane", "1", f"${prices.EKS_CLUSTER_HOURLY}/h", fixed, fixed)
+
+
+def _node_line(
+    item: str, key: str, instance_type: str, sizes: tuple[int, int], detail: str = ""
+) -> Line:
+    """A node group at its desired size, and at its max size for the ceiling."""
+    hourly = _hourly(instance_type, key)
+    desired, most = sizes
+    return Line(
+        item,
+        f"{desired} (max {most}) x {instance_type}{detail}",
+        f"${hourly}/h",
+        _hours(hourly, desired),
+        _hours(hourly, most),
+    )
 
 
 def _network_lines(s: Settings, nat_gb: Decimal) -> Iterable[Line]:
@@ -198,8 +208,9 @@ def _assumptions(nat_gb: Decimal) -> tuple[str, ...]:
         "model download through NAT costs about $21; pass --nat-gb to include traffic)"
     )
     return (
-        f"AWS on-demand list prices, {prices.REGION}, as of {prices.AS_OF} "
-        "(stacks/prices.py; refresh before relying on them)",
+        f"AWS on-demand list prices, {prices.REGION}, meant as of {prices.AS_OF} but written "
+        f"from memory and never checked against {', '.join(prices.SOURCE)}: refresh "
+        "stacks/prices.py from those pages before relying on the totals",
         f"{prices.HOURS_PER_MONTH} hours a month; spot and capacity-block groups priced on-demand",
         nat,
         "NLB LCUs, data transfer, CloudWatch, ECR and S3 storage excluded",
@@ -332,12 +343,22 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--markdown", action="store_true", help="Markdown (for PR comments)")
     parser.add_argument(
         "--nat-gb",
-        type=Decimal,
+        type=_gigabytes,
         default=Decimal(0),
         metavar="GB",
         help="GB a month through NAT, to price data processing (default: excluded)",
     )
     return parser
+
+
+def _gigabytes(text: str) -> Decimal:
+    try:
+        value = Decimal(text)
+    except ArithmeticError:
+        value = Decimal("NaN")
+    if not value.is_finite() or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GB >= 0 (e.g. 500)")
+    return value
 
 
 def _load(path: Path, label: str, nat_gb: Decimal) -> Estimate:

@@ -8,7 +8,8 @@ group over TCP the way the mp backend does (headless ranks join the leader at
 has joined), and serves vLLM's HTTP surface (/health, /v1/models, /v1/chat/completions,
 /metrics, ...) with replies that say they come from a stand-in.
 
-Standard library only, so the rehearsal can run it with the machine's python3 inside
+Standard library and the repository's components/vllm_command.py only (whose imports are
+standard library too), so the rehearsal can run it with the machine's python3 inside
 network namespaces. See docs/rehearsal.md for what it models and what it does not.
 """
 
@@ -40,10 +41,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, cast
 
+# Run as a file (also with `python3 -I`), the repo root is not on sys.path yet.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from components.vllm_command import FlagSpec, flag_table
+
 VLLM_VERSION = "0.33.0"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_FLAG_TABLE = REPO_ROOT / "components" / "data" / "vllm-0.33-serve-options.tsv"
-FLAG_TABLE_ENV = "ENGINE_STANDIN_FLAG_TABLE"
 PROTOCOL = "qvr-standin-rendezvous/1"
 STANDIN_NOTICE = "vLLM engine STAND-IN on CPU: no model is loaded and no inference is run"
 
@@ -57,7 +60,8 @@ DEFAULT_MM_LIMIT = 999
 FINISHED_REASONS = ("stop", "length", "abort", "error", "repetition")
 QWEN_VOCAB_SIZE = 151_643  # /tokenize ids are word hashes folded into this range
 
-# vLLM v1 histogram buckets (vllm/v1/metrics/loggers.py).
+# vLLM v1 histogram buckets. vllm-contract.md §4 confirms the ends (0.001…2560, 0.01…80,
+# 0.3…7680 s); the bounds between are not checked against vLLM here.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -94,7 +98,6 @@ NOT_MODELED = {
 }
 # Table defaults that mark a JSON-typed option: a config dataclass or a dict literal.
 JSON_DEFAULT_MARKERS = ("Config(", "{")
-CHOICES_COLUMN = 4
 
 log = logging.getLogger("standin")
 
@@ -160,24 +163,15 @@ class OptionSpec:
         return "+" if listish and not self.is_json and self.dest not in APPEND_DESTS else None
 
 
-def load_flag_table(path: Path) -> list[OptionSpec]:
-    """Rows of the TSV dumped from vLLM's parser (comment line, header, then one per option)."""
-    specs: list[OptionSpec] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line or line.startswith("#") or line.startswith("group\t"):
-            continue
-        cells = line.split("\t")
-        _group, strings, dest, default = cells[:4]
-        choices = cells[CHOICES_COLUMN] if len(cells) > CHOICES_COLUMN else ""
-        specs.append(
-            OptionSpec(
-                strings=tuple(s.strip() for s in strings.split(",")),
-                dest=dest,
-                default=default,
-                choices=tuple(choices.split("|")) if choices else (),
-            )
-        )
-    return specs
+# The positional of `vllm serve`: flag_table() keys options by their `-`/`--` strings only.
+MODEL_TAG = OptionSpec(strings=("model_tag",), dest="model_tag", default="None", choices=())
+
+
+def serve_options() -> list[OptionSpec]:
+    """`vllm serve`'s positional, then every option of components/vllm_command.py's table
+    (one row each, in the table's order; flag_table() maps every option string to its row)."""
+    rows: dict[FlagSpec, None] = dict.fromkeys(flag_table().values())
+    return [MODEL_TAG, *(OptionSpec(f.options, f.dest, f.default, f.choices) for f in rows)]
 
 
 def build_parser(specs: Sequence[OptionSpec]) -> argparse.ArgumentParser:
@@ -1542,12 +1536,6 @@ def standin_parser() -> argparse.ArgumentParser:
         epilog="Example: engine_standin.py serve Qwen/Qwen3-VL-2B-Instruct --port 8000 -tp 1",
     )
     parser.add_argument(
-        "--flag-table",
-        type=Path,
-        default=Path(os.environ.get(FLAG_TABLE_ENV, DEFAULT_FLAG_TABLE)),
-        help=f"vLLM's option table (TSV; default ${FLAG_TABLE_ENV} or {DEFAULT_FLAG_TABLE})",
-    )
-    parser.add_argument(
         "--join-timeout",
         type=float,
         default=float(
@@ -1572,10 +1560,7 @@ def standin_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     args = standin_parser().parse_args(argv)
     env = os.environ if env is None else env
-    if not args.flag_table.is_file():
-        print(f"engine_standin: --flag-table {args.flag_table} not found", file=sys.stderr)
-        return 2
-    ns = parse_serve_args(args.serve_args, load_flag_table(args.flag_table))
+    ns = parse_serve_args(args.serve_args, serve_options())
     try:
         cfg = build_config(ns, env)
         if cfg.host_ip:

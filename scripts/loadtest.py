@@ -50,10 +50,10 @@ if str(REPO_ROOT) not in sys.path:  # run as a file: make the repo's packages im
     sys.path.insert(0, str(REPO_ROOT))
 
 from components.naming import GATEWAY_NAME  # noqa: E402 (after the sys.path line above)
+from scripts.rehearsal.layout import DEFAULT_STATE_DIR, Layout  # noqa: E402
 from scripts.rehearsal.netns import SUBNET as REHEARSAL_SUBNET  # noqa: E402
 
 WORKER: Final = REPO_ROOT / "scripts" / "loadtest_worker.py"
-DEFAULT_REHEARSAL_DIR: Final = REPO_ROOT / ".rehearsal"
 DEFAULT_OUT_ROOT: Final = REPO_ROOT / "build" / "loadtest"
 
 # Hard caps: no option can make a run larger or longer than this.
@@ -330,12 +330,15 @@ def _outcome(text: str) -> Outcome:
     raise ValueError(f"unknown outcome {text!r}")
 
 
-def write_records(path: Path, records: Iterable[RequestRecord]) -> None:
+def write_csv(path: Path, fieldnames: Sequence[str], rows: Iterable[Mapping[str, str]]) -> None:
     with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=RECORD_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fieldnames)
         writer.writeheader()
-        for record in records:
-            writer.writerow(record.to_row())
+        writer.writerows(rows)
+
+
+def write_records(path: Path, records: Iterable[RequestRecord]) -> None:
+    write_csv(path, RECORD_FIELDS, (record.to_row() for record in records))
 
 
 def read_records(path: Path) -> list[RequestRecord]:
@@ -477,11 +480,7 @@ def summary_row(s: Summary) -> dict[str, str]:
 
 
 def write_summary(path: Path, summaries: Iterable[Summary]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)
-        writer.writeheader()
-        for s in summaries:
-            writer.writerow(summary_row(s))
+    write_csv(path, SUMMARY_FIELDS, map(summary_row, summaries))
 
 
 def format_errors(errors: Mapping[str, int]) -> str:
@@ -670,7 +669,7 @@ def choose_key(keys: Mapping[str, str], wanted: str | None, where: str) -> tuple
 
 def rehearsal_target(state_dir: Path, stack: str, key_id: str | None) -> Target:
     """The gateway of the running rehearsal, from its inventory and secrets files."""
-    inventory_path = state_dir / "inventory.json"
+    inventory_path = Layout(state_dir).inventory
     if not inventory_path.exists():
         raise LoadtestError(
             f"no running rehearsal in {state_dir} ({inventory_path.name} is missing): start one "
@@ -690,7 +689,7 @@ def rehearsal_target(state_dir: Path, stack: str, key_id: str | None) -> Target:
         raise LoadtestError(f"{inventory_path} lists no gateway host")
     host = gateways[0]
     role = host["roles"][GATEWAY_NAME]
-    secrets_ = _read_json(Path(inventory.get("secrets_file") or state_dir / "secrets.json"))
+    secrets_ = _read_json(Path(inventory.get("secrets_file") or Layout(state_dir).secrets))
     key_id, key = choose_key(secrets_.get("client_api_keys", {}), key_id, "the rehearsal")
     return Target(
         stack=stack,
@@ -720,7 +719,13 @@ def pulumi_outputs(stack: str) -> dict[str, Any]:
         raise LoadtestError(f"`{' '.join(argv)}` did not answer within 120 s") from err
     if done.returncode != 0:
         raise LoadtestError(f"`{' '.join(argv)}` failed: {done.stderr.strip()}")
-    return json.loads(done.stdout)
+    try:
+        outputs = json.loads(done.stdout)
+    except json.JSONDecodeError as err:
+        raise LoadtestError(f"`{' '.join(argv)}` printed no JSON: {err}") from None
+    if not isinstance(outputs, dict):
+        raise LoadtestError(f"`{' '.join(argv)}` printed no JSON object")
+    return outputs
 
 
 def cluster_target(stack: str, outputs: Mapping[str, Any], key_id: str | None) -> Target:
@@ -739,6 +744,13 @@ def cluster_target(stack: str, outputs: Mapping[str, Any], key_id: str | None) -
             "the gateway_api_keys output is missing or hidden: read the outputs with --show-secrets"
         )
     engines = outputs.get("engines") or {}
+    try:
+        deployments = {name: str(e["served_model_name"]) for name, e in engines.items()}
+    except (AttributeError, KeyError, TypeError):
+        raise LoadtestError(
+            "the engines output is not deployment -> {served_model_name, ...}: read it with "
+            f"`pulumi stack output --stack {stack} --json --show-secrets`"
+        ) from None
     key_id, key = choose_key(keys, key_id, f"stack {stack}")
     return Target(
         stack=stack,
@@ -746,7 +758,7 @@ def cluster_target(stack: str, outputs: Mapping[str, Any], key_id: str | None) -
         gateway_url=str(url),
         api_key_id=key_id,
         api_key=str(key),
-        deployments={name: str(e["served_model_name"]) for name, e in engines.items()},
+        deployments=deployments,
     )
 
 
@@ -806,9 +818,22 @@ def reaches_via_rehearsal(url: str) -> bool:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise LoadtestError(f"cannot read {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise LoadtestError(f"cannot read {path}: not a JSON object")
+    return data
+
+
+def check_netns_exec() -> None:
+    """`ip netns exec` (how the worker enters a rehearsal namespace) needs root and iproute2."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        raise LoadtestError(
+            "the rehearsal's gateway is reachable only inside its network namespace, and "
+            "entering it (`ip netns exec`) needs root and iproute2's `ip`: run as root "
+            "(`make debs` installs iproute2)"
+        )
 
 
 # --------------------------------------------------------------------------- the worker's spec
@@ -883,6 +908,10 @@ class WorkerSpec:
     records_csv: str
     meta_json: str
     progress_interval_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.progress_interval_s > 0:
+            raise LoadtestError(f"progress interval {self.progress_interval_s:g} s must be > 0")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -980,8 +1009,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--state-dir",
         type=Path,
-        default=DEFAULT_REHEARSAL_DIR,
-        help=f"the rehearsal's state directory (default {DEFAULT_REHEARSAL_DIR})",
+        default=DEFAULT_STATE_DIR,
+        help=f"the rehearsal's state directory (default {DEFAULT_STATE_DIR})",
     )
     p.add_argument(
         "--outputs-file",
@@ -1105,6 +1134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = build_spec(args, target, out)
         if target.netns is None and in_rehearsal_subnet(spec.phases[0].base_url):
             raise LoadtestError("a rehearsal address is reachable only from its namespaces")
+        if target.netns is not None:
+            check_netns_exec()
         out.mkdir(parents=True, exist_ok=True)
         phase = spec.phases[0]
         print(
@@ -1126,6 +1157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         summaries = report(out, title)
     except LoadtestError as err:
         print(f"loadtest: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # --out where this user may not write, a directory for a file...
+        print(f"loadtest: {err.filename}: {err.strerror}", file=sys.stderr)
         return 2
     print()
     print(format_table(summaries), end="")

@@ -67,6 +67,7 @@ fi
 
 [ "$(id -u)" -eq 0 ] || die "needs root (debootstrap and chroot); run it as root or with sudo"
 command -v debootstrap >/dev/null || die "debootstrap is not installed; run 'make debs'"
+[ ! -e "$DIR" ] || [ -d "$DIR" ] || die "$DIR exists and is not a directory; remove it or set NGINX_CHROOT"
 if [ -e "$DIR" ] && [ ! -e "$DIR/$MARKER" ] && [ -n "$(ls -A "$DIR" 2>/dev/null)" ]; then
     die "$DIR exists, is not empty and was not built by this script; remove it or set NGINX_CHROOT"
 fi

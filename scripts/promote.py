@@ -40,6 +40,7 @@ from ruamel.yaml.error import YAMLError
 # Run as a file (scripts/promote.py), the repo root is not on sys.path yet.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from scripts.affected_stacks import stacks_in
 from stacks.parse import SettingsError, schema_fields
 from stacks.schema import DERIVED_FIELDS, PROJECT, Secret, Settings, default_of
 from stacks.settings import ROOT, load_stack_file
@@ -80,7 +81,12 @@ def load_document(path: Path) -> CommentedMap:
     try:
         document = _yaml().load(path.read_text())
     except FileNotFoundError:
-        raise PromotionError(f"{path}: no such stack file") from None
+        known = ", ".join(stacks_in(path.parent)) if path.parent.is_dir() else ""
+        raise PromotionError(
+            f"{path}: no such stack file (stacks there: {known or 'none'})"
+        ) from None
+    except OSError as err:  # a directory, or a file this user may not read
+        raise PromotionError(f"{path}: {err.strerror}") from None
     except YAMLError as err:
         raise PromotionError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(document, CommentedMap) or not isinstance(
@@ -298,7 +304,10 @@ def run(src: str, dst: str, *, root: Path, check: bool, dry_run: bool) -> int:
     if dry_run:
         print(f"dry run: {dst_file.name} not written.")
         return 0
-    dst_file.write_text(after)
+    try:
+        dst_file.write_text(after)
+    except OSError as err:
+        raise PromotionError(f"{dst_file}: {err.strerror}") from None
     print(f"wrote {dst_file}: review the diff, then open a pull request.")
     return 0
 

@@ -29,9 +29,9 @@ from typing import Final, NoReturn, TextIO
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scripts.rehearsal import netns, runner
+from scripts.rehearsal.layout import DEFAULT_STATE_DIR
 from scripts.rehearsal.plan import (
     DEFAULT_JOIN_TIMEOUT_S,
-    REPO_ROOT,
     Corruption,
     Endpoint,
     Layout,
@@ -41,13 +41,13 @@ from scripts.rehearsal.plan import (
     RunSecrets,
     generate_secrets,
     plan_rehearsal,
+    stack_path,
     substitution_table,
 )
 from stacks.schema import Settings
-from stacks.settings import SettingsError, load_stack_file, stack_file
+from stacks.settings import SettingsError, load_stack_file
 from stacks.verification import config_hash
 
-DEFAULT_STATE_DIR: Final = REPO_ROOT / ".rehearsal"
 DEFAULT_TIMEOUT_S: Final = 60.0
 DOWN_TIMEOUT_S: Final = 60.0
 READY_MARKER: Final = "\x00qvr-rehearsal-ready"
@@ -134,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "substitutions":
             sys.stdout.write(substitution_table())
             return 0
+        runner.require_root()  # the state, secrets and processes are root's
         if args.command == "down":
             return down(layout)
         if args.command == "status":
@@ -145,11 +146,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # --------------------------------------------------------------------------- up
-
-
-def stack_path(stack: str) -> Path:
-    """`dev` -> Pulumi.dev.yaml in the repo; anything that looks like a path is taken as is."""
-    return Path(stack) if stack.endswith((".yaml", ".yml")) or "/" in stack else stack_file(stack)
 
 
 def load_settings(path: Path) -> Settings:
@@ -322,7 +318,7 @@ def status(layout: Layout) -> int:
     )
     running = 0
     for record in state.processes:
-        alive = runner.start_ticks(record.pid) == record.start_ticks
+        alive = netns.is_running(record)
         running += alive
         print(f"  {'running' if alive else 'EXITED ':<7}  {record.netns:<32} {record.name}")
     print(f"{running}/{len(state.processes)} processes running")

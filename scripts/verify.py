@@ -69,16 +69,19 @@ from components.redis_conf import EXPORTER_PASSWORD_ENTRY, EXPORTER_USER
 from components.time_sync import AMAZON_TIME_SYNC_SERVER, CHRONY_CONF_PATH, render_chrony_conf
 from components.vllm_pods import shm_size_bytes
 from scripts.rehearsal import inventory as inv
+from scripts.rehearsal.layout import DEFAULT_STATE_DIR
 from scripts.rehearsal.plan import (
     EnginePod,
+    Layout,
     engine_roles,
     gateway_vars,
     node_vars,
+    stack_path,
 )
 from stacks.catalog import instance_type, supports_phc
 from stacks.rules import plan_for
 from stacks.schema import Settings
-from stacks.settings import SettingsError, load_stack_file, stack_file
+from stacks.settings import SettingsError, load_stack_file
 from stacks.verification import (
     RECORD_DIR,
     RecordError,
@@ -90,7 +93,6 @@ from stacks.verification import (
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 SUITE: Final = ROOT / "tests" / "infra"
-DEFAULT_STATE_DIR: Final = ROOT / ".rehearsal"
 HOST_TIMEOUT_S: Final = 300.0  # one host's checks (the slowest wait inside is 60 s)
 SUITE_TIMEOUT_S: Final = 1800.0
 PORT_FORWARD_TIMEOUT_S: Final = 30.0
@@ -175,9 +177,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        path = (
-            Path(args.stack) if args.stack.endswith((".yaml", ".yml")) else stack_file(args.stack)
-        )
+        path = stack_path(args.stack)
         try:
             settings = load_stack_file(path)
         except SettingsError as err:
@@ -276,7 +276,7 @@ def read_junit(path: Path, seconds: float) -> Outcome:
 
 
 def verify_rehearsal(state_dir: Path, settings: Settings, path: Path) -> Outcome:
-    inventory_file = state_dir.resolve() / "inventory.json"
+    inventory_file = Layout(state_dir.resolve()).inventory
     if not inventory_file.exists():
         raise VerifyError(
             f"no rehearsal is running in {state_dir} (no inventory.json): start one with "

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pulumi
-import pulumi_random as random
 
 from components.naming import (
     REDIS_NAME,
@@ -42,6 +41,7 @@ class DataOut:
     password: pulumi.Output[str]
     client_secret_name: str  # Secret with `username` and `password` for pods to reference
     key_scheme: Mapping[str, Any]
+    component: pulumi.Resource  # pods that read client_secret_name wait for it
 
     def outputs(self) -> dict[str, Any]:
         return {
@@ -70,11 +70,6 @@ class WebUiOut:
         }
 
 
-def _password(name: str) -> pulumi.Output[str]:
-    # Alphanumeric like stacks/secrets.py: the values go into URLs and redis.conf.
-    return pulumi.Output.secret(random.RandomPassword(name, length=40, special=False).result)
-
-
 def build_data(settings: Settings, platform: Platform, secrets: StackSecrets) -> DataOut | None:
     r = settings.redis
     if not r.enabled:
@@ -88,13 +83,13 @@ def build_data(settings: Settings, platform: Platform, secrets: StackSecrets) ->
         appendfsync=r.appendfsync,
         volume_gib=r.volume_gib,
         app_password=secrets.redis_password,
-        exporter_password=_password("redis-exporter-password"),
-        admin_password=_password("redis-admin-password"),
+        exporter_password=secrets.redis_exporter_password,
+        admin_password=secrets.redis_admin_password,
         webui_clients=settings.webui.enabled,
         engine_clients=tuple(d.name for d in settings.serving.deployments if d.kv_offload_redis),
         protect=settings.protect,
     )
-    Redis(REDIS_NAME, args, opts=platform.opts(depends_on=list(platform.node_groups)))
+    redis = Redis(REDIS_NAME, args, opts=platform.opts(depends_on=list(platform.node_groups)))
     return DataOut(
         host=service_host(REDIS_NAME, settings.serving.namespace),
         port=REDIS_PORT,
@@ -102,6 +97,7 @@ def build_data(settings: Settings, platform: Platform, secrets: StackSecrets) ->
         password=pulumi.Output.secret(secrets.redis_password),
         client_secret_name=REDIS_SECRET,
         key_scheme=build_key_scheme(r.vision_cache_ttl_seconds, r.session_ttl_seconds),
+        component=redis,
     )
 
 

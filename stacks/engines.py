@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import pulumi
+
 from components.naming import (
     VLLM_PORT,
     engine_secret_name,
@@ -58,7 +60,10 @@ def spec_for(settings: Settings, d: DeploymentSettings) -> EngineSpec:
     return engine_spec(settings, d, plan, engine_secret_name(d.name))
 
 
-def build_engines(settings: Settings, platform: Platform, secrets: StackSecrets) -> Engines:
+def build_engines(
+    settings: Settings, platform: Platform, secrets: StackSecrets, redis: pulumi.Resource | None
+) -> Engines:
+    """`redis` is the Redis component: engines with kvOffloadRedis read its client Secret."""
     components: list[VllmDeployment] = []
     endpoints: dict[str, EngineEndpoint] = {}
     for d in settings.serving.deployments:
@@ -68,7 +73,7 @@ def build_engines(settings: Settings, platform: Platform, secrets: StackSecrets)
             engine_api_key=secrets.engine_api_key,
             hf_token=secrets.hf_token,
             replicas_managed_externally=settings.autoscaling.keda,
-            depends_on=platform.node_groups,
+            depends_on=(*platform.node_groups, *([redis] if d.kv_offload_redis and redis else [])),
         )
         components.append(VllmDeployment(d.name, args, opts=platform.opts()))
         endpoints[d.name] = EngineEndpoint(

@@ -187,7 +187,8 @@ def _size(r: PlanRequest) -> Plan:
         kv_bytes_per_token=per_token * tp * pp,
         kv_cache_bytes_per_gpu=kv_bytes,
         kv_cache_tokens=tokens,
-        full_length_sequences=tokens // r.max_model_len,
+        # a non-positive max_model_len is reported as a problem; 0 sequences keeps the sizing total
+        full_length_sequences=tokens // r.max_model_len if r.max_model_len > 0 else 0,
         min_shm_bytes=min_shm_bytes(r.instance.gpus, r.nodes_per_group),
     )
 

@@ -1,12 +1,13 @@
 """AWS on-demand list prices (USD) that scripts/cost.py multiplies by a stack's inventory.
 
-SOURCE and AS_OF below say where the numbers come from and when they were taken. They
-are public list prices for us-east-1 (N. Virginia), Linux, on-demand, without
-Savings Plans, Reserved Instances, Spot or Capacity Block discounts, taxes or
-enterprise agreements. They were written down without network access to the pricing
-pages, so treat them as a snapshot: refresh every number against the pages in SOURCE
-(or `aws pricing get-products --service-code AmazonEC2 ...`) and update AS_OF when you do.
-AWS changes prices (the P5 family dropped ~45 % in June 2025).
+Public list prices for us-east-1 (N. Virginia), Linux, on-demand, without Savings Plans,
+Reserved Instances, Spot or Capacity Block discounts, taxes or enterprise agreements.
+SOURCE names the pages they belong to. None of them was read off those pages: they were
+written from memory, without network access, to reflect the prices in force on AS_OF
+(after the June 2025 cut of up to 45 % on P5). So AS_OF is the date the figures are
+meant for, not the date anyone checked them: refresh every number against the pages in
+SOURCE (or `aws pricing get-products --service-code AmazonEC2 ...`) and set AS_OF to the
+day you did.
 
 A type missing here makes the estimate refuse rather than guess: add its hourly price.
 """
@@ -20,14 +21,16 @@ from typing import Final
 
 REGION: Final = "us-east-1"
 AS_OF: Final = "2025-06-15"
+EC2_PRICING_PAGE: Final = "https://aws.amazon.com/ec2/pricing/on-demand/"
 SOURCE: Final = (
-    "AWS public on-demand list prices, us-east-1, Linux: "
-    "https://aws.amazon.com/ec2/pricing/on-demand/, https://aws.amazon.com/eks/pricing/, "
-    "https://aws.amazon.com/vpc/pricing/, https://aws.amazon.com/elasticloadbalancing/pricing/, "
-    "https://aws.amazon.com/ebs/pricing/"
+    EC2_PRICING_PAGE,
+    "https://aws.amazon.com/eks/pricing/",
+    "https://aws.amazon.com/vpc/pricing/",
+    "https://aws.amazon.com/elasticloadbalancing/pricing/",
+    "https://aws.amazon.com/ebs/pricing/",
 )
 
-# AWS bills a month as 730 hours (8,760 h / 12) in its calculator and price pages.
+# AWS's pricing calculator and price pages count a month as 730 hours (8,760 h / 12).
 HOURS_PER_MONTH: Final = 730
 
 # EC2 on-demand, USD per instance-hour.

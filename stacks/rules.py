@@ -20,6 +20,8 @@ from components.nginx_conf import (
     RESERVED_ROUTE_NAMES,
 )
 from components.node_group_spec import RESERVED_LABEL_DOMAINS, is_reserved_label
+from components.redis_conf import LMCACHE_LOCAL_CPU_GIB
+from components.subnet_plan import private_prefix
 from components.versions import KUBERNETES_PINS, kubernetes_pins
 from components.vllm_command import check_extra_args, parse_version
 from components.vllm_pods import (
@@ -97,6 +99,32 @@ def _unique(path: str, names: list[str]) -> Iterator[Problem]:
     for name, count in Counter(names).items():
         if count > 1:
             yield Problem(path, f"the name {name!r} is used {count} times; names must be unique")
+
+
+# AWS tag limits; the NLB tags annotation is a comma-separated list of key=value pairs, so
+# neither character can appear in a tag that also goes onto the load balancers.
+_TAG_KEY_MAX, _TAG_VALUE_MAX = 128, 256
+
+
+def tag_rules(s: Settings) -> Iterator[Problem]:
+    for key, value in s.tags.items():
+        if not 1 <= len(key) <= _TAG_KEY_MAX or key.startswith("aws:"):
+            yield Problem(
+                f"tags.{key}",
+                f"tag keys are 1-{_TAG_KEY_MAX} characters and may not start with aws:",
+                value,
+            )
+        if len(value) > _TAG_VALUE_MAX:
+            yield Problem(
+                f"tags.{key}", f"tag values are at most {_TAG_VALUE_MAX} characters", value
+            )
+        if any(c in key + value for c in ",="):
+            yield Problem(
+                f"tags.{key}",
+                "may not contain ',' or '=': tags are also passed to "
+                "the load balancers in a key=value,key=value annotation",
+                value,
+            )
 
 
 def network_rules(s: Settings) -> Iterator[Problem]:
@@ -424,13 +452,17 @@ def _engine_pod_problems(
         return
     shm = shm_size_bytes(d, p.min_shm_bytes)
     memory = pod_memory_gib(d, instance, group.efa) * GIB
-    if shm * 2 > memory:
+    lmcache = int(LMCACHE_LOCAL_CPU_GIB * GIB) if d.kv_offload_redis else 0
+    if shm * 2 + lmcache > memory:
         key = "shmSizeGib" if d.shm_size_gib is not None else "memoryGib"
+        pinned = (
+            f" plus LMCache's {LMCACHE_LOCAL_CPU_GIB:g} GiB of pinned memory" if lmcache else ""
+        )
         yield Problem(
             f"{path}.{key}",
             f"/dev/shm ({format_bytes(shm)}) is memory and counts "
             f"against the pod's {format_bytes(memory)} memory limit; keep it at most "
-            "half of memoryGib so vLLM itself has room",
+            f"half of memoryGib{pinned} so vLLM itself has room",
             d.shm_size_gib if d.shm_size_gib is not None else d.memory_gib,
         )
 
@@ -583,13 +615,13 @@ def platform_rules(s: Settings) -> Iterator[Problem]:
 
 def _vpc_size_problems(s: Settings) -> Iterator[Problem]:
     n = s.network
+    if n.mode != "new" or not n.availability_zones:
+        return
     try:
         vpc = ipaddress.ip_network(n.cidr)
     except ValueError:
         return  # reported by network_rules
-    if n.mode != "new" or not n.availability_zones:
-        return
-    private = vpc.prefixlen + math.ceil(math.log2(len(n.availability_zones) + 1))
+    private = private_prefix(n.cidr, len(n.availability_zones))
     if private > _LARGEST_PRIVATE_PREFIX:
         yield Problem(
             "network.cidr",
@@ -736,7 +768,9 @@ def webui_warnings(s: Settings) -> list[Problem]:
 # Gateway (components/nginx_conf.py, components/gateway.py).
 _ACM_ARN = re.compile(r"^arn:aws[-a-z]*:acm:([a-z0-9-]+):\d{12}:certificate/[0-9a-f-]+$")
 _NGINX_TAG = re.compile(r"^(\d+)\.(\d+)\.(\d+)(?:-[a-z0-9.-]+)?$")
-GATEWAY_BODY_MIB_RANGE = (1, 1024)
+# 10 MiB: a few base64 images (4/3 inflation) must fit; the policy pack enforces the same floor.
+MIN_BODY_MIB = 10
+GATEWAY_BODY_MIB_RANGE = (MIN_BODY_MIB, 1024)
 GATEWAY_READ_TIMEOUT_RANGE = (60, 3600)
 _MAX_KEY_ID_LENGTH = 40
 
@@ -755,8 +789,8 @@ def gateway_rules(s: Settings) -> Iterator[Problem]:
     if not lo <= g.client_max_body_size_mib <= hi:
         yield Problem(
             "gateway.clientMaxBodySizeMib",
-            f"must lie between {lo} and {hi} (bodies "
-            "above 1 MiB are spooled to the pod's scratch volume)",
+            f"must lie between {lo} and {hi}: below {lo} MiB image requests get 413, "
+            "above it bodies only cost scratch space on the pod's volume",
             g.client_max_body_size_mib,
         )
     lo, hi = GATEWAY_READ_TIMEOUT_RANGE
@@ -860,6 +894,7 @@ def _gateway_tls_problems(s: Settings) -> Iterator[Problem]:
 
 
 RULES: tuple[Rule, ...] = (
+    tag_rules,
     network_rules,
     node_group_rules,
     deployment_rules,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_random as random
 
+from components.naming import PASSWORD_LENGTH
 from stacks.schema import Settings
 
 
@@ -20,14 +21,16 @@ from stacks.schema import Settings
 class StackSecrets:
     engine_api_key: pulumi.Output[str]
     client_api_keys: Mapping[str, pulumi.Output[str]]  # gateway key id -> key
-    redis_password: pulumi.Output[str]
+    redis_password: pulumi.Output[str]  # the app user's, handed to clients
+    redis_exporter_password: pulumi.Output[str]
+    redis_admin_password: pulumi.Output[str]
     grafana_admin_password: pulumi.Output[str]
     webui_admin_password: pulumi.Output[str]
     webui_secret_key: pulumi.Output[str]
     hf_token: pulumi.Output[str] | None
 
 
-def _password(name: str, length: int = 40) -> pulumi.Output[str]:
+def _password(name: str, length: int = PASSWORD_LENGTH) -> pulumi.Output[str]:
     # No special characters: the values end up in headers, URLs and config files.
     return random.RandomPassword(name, length=length, special=False).result
 
@@ -38,6 +41,8 @@ def build_secrets(settings: Settings) -> StackSecrets:
         engine_api_key=_password("engine-api-key"),
         client_api_keys={k: _password(f"gateway-key-{k}") for k in settings.gateway.api_key_ids},
         redis_password=_password("redis-password"),
+        redis_exporter_password=_password("redis-exporter-password"),
+        redis_admin_password=_password("redis-admin-password"),
         grafana_admin_password=_password("grafana-admin-password", 24),
         webui_admin_password=_password("webui-admin-password", 24),
         webui_secret_key=_password("webui-secret-key", 48),

@@ -28,22 +28,29 @@ def stack_file(stack: str) -> Path:
     return ROOT / f"Pulumi.{stack}.yaml"
 
 
-def load_stack_file(path: str | Path) -> Settings:
-    """Settings of a `Pulumi.<stack>.yaml` file, without the Pulumi engine."""
-    path = Path(path)
+def read_config(path: Path) -> Mapping[str, Any]:
+    """The raw `config:` mapping of a stack file (secure values as written, never decrypted)."""
     source = str(path)
     try:
         document = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise SettingsError(source, [Problem("file", "no such stack file")]) from None
+    except OSError as err:  # a directory, or a file this user may not read
+        raise SettingsError(source, [Problem("file", f"cannot read it: {err.strerror}")]) from None
     except yaml.YAMLError as err:
         raise SettingsError(source, [Problem("file", f"not valid YAML: {err}")]) from None
     config = document.get("config") if isinstance(document, Mapping) else None
     if not isinstance(config, Mapping):
         raise SettingsError(source, [Problem("config", "the file has no `config:` mapping")])
+    return config
+
+
+def load_stack_file(path: str | Path) -> Settings:
+    """Settings of a `Pulumi.<stack>.yaml` file, without the Pulumi engine."""
+    path = Path(path)
     stack = path.name.removeprefix("Pulumi.").removesuffix(".yaml")
-    values = {k: _file_value(k, v) for k, v in config.items()}
-    return build(source, stack, values)
+    values = {k: _file_value(k, v) for k, v in read_config(path).items()}
+    return build(str(path), stack, values)
 
 
 def _file_value(key: str, value: Any) -> Any:

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import yaml
+from stacks.parse import SettingsError
+from stacks.settings import read_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORD_DIR = ROOT / ".verify"
@@ -59,14 +59,9 @@ class VerificationRecord:
 def config_hash(stack_file: Path) -> str:
     """sha256 of the canonical JSON of the file's `config:` mapping."""
     try:
-        document = yaml.safe_load(stack_file.read_text())
-    except FileNotFoundError:
-        raise RecordError(f"{stack_file}: no such stack file") from None
-    except yaml.YAMLError as err:
-        raise RecordError(f"{stack_file}: not valid YAML: {err}") from None
-    config = document.get("config") if isinstance(document, Mapping) else None
-    if not isinstance(config, Mapping):
-        raise RecordError(f"{stack_file}: the file has no `config:` mapping")
+        config = read_config(stack_file)
+    except SettingsError as err:
+        raise RecordError(str(err)) from None
     # default=str: an unquoted YAML date would otherwise be unserializable; str() is stable.
     canonical = json.dumps(
         config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
@@ -107,6 +102,8 @@ def read_record(stack: str, directory: Path = RECORD_DIR) -> VerificationRecord 
         raw: Any = json.loads(path.read_text())
     except FileNotFoundError:
         return None
+    except OSError as err:
+        raise RecordError(f"{path}: {err.strerror}") from None
     except json.JSONDecodeError as err:
         raise RecordError(f"{path}: not valid JSON: {err}") from None
     fields = {"stack", "time", "config_hash", "target", "result", "details"}

@@ -1,4 +1,4 @@
-"""Which metric names exist, and which ones a PromQL expression uses.
+"""Which metric names exist, which ones a PromQL expression uses, and whether promtool parses it.
 
 Known names come from two kinds of source:
 - lists copied from references, with their source in each file's header (tests/data/*.txt):
@@ -16,9 +16,13 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+
+import yaml
+
+from tests.local import free_port
 
 DATA = Path(__file__).resolve().parent / "data"
 REFERENCE_FILES = ("vllm_metrics.txt", "dcgm_metrics.txt", "kube_state_metrics.txt")
@@ -59,10 +63,18 @@ def metric_names(expr: str) -> set[str]:
     return found
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["promtool", *map(str, args)], check=False, capture_output=True, text=True, timeout=60
+    )
+
+
+def check_queries(queries: Sequence[str], directory: Path) -> subprocess.CompletedProcess[str]:
+    """`promtool check rules` on the queries as recording rules: Prometheus' own parser."""
+    rules = [{"record": f"query:{i}", "expr": q} for i, q in enumerate(queries)]
+    path = directory / "queries.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "queries", "rules": rules}]}))
+    return promtool("check", "rules", path)
 
 
 def scrape(port: int, path: str = "/metrics") -> str:
@@ -101,9 +113,10 @@ def wait_tcp(port: int) -> None:
 
 
 @contextmanager
-def _process(args: list[str], log: Path) -> Iterator[None]:
+def process(args: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[None]:
+    """Run a server as a foreground child until the block ends; always stop and reap it."""
     with log.open("wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         yield
     finally:
@@ -161,13 +174,13 @@ def exporter_names(tmp: Path) -> dict[str, set[str]]:
     }  # fmt: skip
     with ExitStack() as stack:
         for key, args in servers.items():
-            stack.enter_context(_process(args, tmp / f"{key}.log"))
+            stack.enter_context(process(args, tmp / f"{key}.log"))
         # The nginx exporter exits when nginx does not answer at start; the Redis exporter
         # reports only redis_up 0 while Redis is down.
         scrape(ports["nginx"], "/stub_status")
         wait_tcp(ports["redis"])
         for key, args in exporters.items():
-            stack.enter_context(_process(args, tmp / f"{key}.log"))
+            stack.enter_context(process(args, tmp / f"{key}.log"))
         return {
             key: exposed_names(scrape(ports[key]))
             for key in ("nginx-exporter", "redis-exporter", "node-exporter")

@@ -110,6 +110,8 @@ def load(path: str | Path) -> Inventory:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InventoryError(f"{path}: no such inventory") from None
+    except OSError as err:
+        raise InventoryError(f"{path}: cannot read it: {err.strerror}") from None
     except json.JSONDecodeError as err:
         raise InventoryError(f"{path}: not JSON: {err}") from None
     return parse(data)

@@ -8,7 +8,9 @@ rehearsal's namespaces. Names resolve through `/etc/netns/<ns>/hosts`, which
 `ip netns exec` bind-mounts over /etc/hosts (and an empty resolv.conf, so no DNS query
 leaves a namespace).
 
-Everything created is recorded in a JSON state file BEFORE it is created, so
+Every namespace, /etc/netns directory and file is recorded in a JSON state file BEFORE it
+is created, and every process right after it starts (its pid is known only then; one
+started in a recorded namespace is killed through `ip netns pids` anyway), so
 `teardown(State.load(path))` removes it all even after a crash of the process that
 built it. Teardown only ever touches names with the `qvr-` prefix and files under the
 state file's directory.
@@ -77,13 +79,6 @@ class Network:
             if host.netns == netns:
                 return host
         raise KeyError(netns)
-
-    def address_of(self, name: str) -> ipaddress.IPv4Address:
-        """The address a host name resolves to inside the rehearsal."""
-        for host in self.hosts:
-            if name in host.names:
-                return host.address
-        raise KeyError(name)
 
     def hosts_file(self) -> str:
         return render_hosts_file(self.hosts)
@@ -182,9 +177,6 @@ class State:
             created_etc_root=bool(data["created_etc_root"]),
         )
 
-    def is_empty(self) -> bool:
-        return not (self.namespaces or self.etc_dirs or self.files or self.processes)
-
     def save(self) -> None:
         data = {
             "version": STATE_VERSION,
@@ -225,6 +217,8 @@ def ip(*args: str) -> str:
         result = subprocess.run(
             ["ip", *args], capture_output=True, text=True, timeout=IP_TIMEOUT_S, check=False
         )
+    except FileNotFoundError:
+        raise NetnsError("`ip` is not on PATH: install iproute2 (`make debs`)") from None
     except subprocess.TimeoutExpired as err:
         raise NetnsError(f"`ip {' '.join(args)}` did not finish in {IP_TIMEOUT_S:g} s") from err
     if result.returncode != 0:
@@ -327,7 +321,7 @@ def start_process(
         name=name,
         netns=netns,
         pid=proc.pid,
-        start_ticks=_start_ticks(proc.pid) or 0,
+        start_ticks=start_ticks(proc.pid) or 0,
         argv=list(argv),
         log=str(log_path),
     )
@@ -390,15 +384,13 @@ def leftovers(state: State) -> list[str]:
     found += [f"namespace {ns} still exists" for ns in state.namespaces if ns in existing]
     found += [f"{d} still exists" for d in state.etc_dirs if Path(d).exists()]
     found += [
-        f"process {p.name} (pid {p.pid}) is still running"
-        for p in state.processes
-        if _is_running(p)
+        f"process {p.name} (pid {p.pid}) is still running" for p in state.processes if is_running(p)
     ]
     return found
 
 
 def _stop_processes(state: State, grace: float, problems: list[str]) -> None:
-    live = [p for p in state.processes if _is_running(p)]
+    live = [p for p in state.processes if is_running(p)]
     for record in live:
         _signal_group(record.pid, signal.SIGTERM)
     live = _wait_gone(state, live, grace)
@@ -424,7 +416,7 @@ def _wait_gone(state: State, records: list[ProcessRecord], timeout: float) -> li
     while True:
         for record in records:
             _reap(state, record.pid)
-        records = [r for r in records if _is_running(r)]
+        records = [r for r in records if is_running(r)]
         if not records or time.monotonic() >= deadline:
             return records
         time.sleep(0.05)
@@ -441,28 +433,22 @@ def _reap(state: State, pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
-def _is_running(record: ProcessRecord) -> bool:
+def is_running(record: ProcessRecord) -> bool:
     """Alive, not a zombie, and the same process (start time) as the one recorded."""
-    stat = _proc_stat(record.pid)
-    if stat is None:
-        return False
-    state_letter, ticks = stat
-    same = record.start_ticks in (0, ticks)  # 0: it had already exited when recorded
-    return same and state_letter not in ("Z", "X")
+    ticks = start_ticks(record.pid)
+    # start_ticks 0: it had already exited when recorded
+    return ticks is not None and record.start_ticks in (0, ticks)
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
+def start_ticks(pid: int) -> int | None:
+    """When process `pid` started (/proc/<pid>/stat field 22: tells it from a later process
+    with the same pid); None when there is no such process or it is a zombie."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace")
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2 :].split()
-    return fields[0], int(fields[19])  # state (field 3) and starttime (field 22)
-
-
-def _start_ticks(pid: int) -> int | None:
-    stat = _proc_stat(pid)
-    return None if stat is None else stat[1]
+    fields = text[text.rindex(")") + 2 :].split()  # from field 3 (state) on
+    return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
 def _remove_namespace(netns: str, problems: list[str]) -> None:

@@ -32,6 +32,7 @@ from components.naming import (
     MONITORING_NAMESPACE,
     NGINX_EXPORTER_PORT,
     NODE_EXPORTER_PORT,
+    PASSWORD_LENGTH,
     PROMETHEUS_PORT,
     REDIS_EXPORTER_PORT,
     REDIS_NAME,
@@ -81,23 +82,24 @@ from components.vllm_command import (
     WORKER,
     Role,
     expand_k8s_vars,
+    resolve_env,
     served_model_name,
 )
 from components.vllm_pods import build_pod_template
 from scripts.rehearsal import inventory as inv
+from scripts.rehearsal.layout import REPO_ROOT, Layout
 from scripts.rehearsal.netns import Network, netns_name, plan_network
 from stacks.catalog import instance_type, supports_phc
 from stacks.engines import spec_for
 from stacks.schema import DeploymentSettings, Settings
+from stacks.settings import stack_file
 
-REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 STANDIN: Final = REPO_ROOT / "scripts" / "engine_standin.py"
 # The pods' images set PATH; the rehearsal's processes get the usual one of this machine.
 PROCESS_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Long enough for a 2-core machine to start every rank; short enough that a wrong
 # --master-port fails the rehearsal in seconds instead of the pods' startup budget.
 DEFAULT_JOIN_TIMEOUT_S: Final = 30.0
-SECRET_LENGTH: Final = 40  # stacks/secrets.py: RandomPassword(length=40, special=False)
 TIMESERVER: Final = "timeserver"
 SERVICES: Final = "services"
 CHRONYD_CMD_PORT: Final = 323  # chronyd's command port on the namespace's loopback
@@ -105,6 +107,12 @@ NTP_PORT: Final = 123
 # nginx runs unprivileged, as in the gateway pod (uid 101 there; nobody here).
 NGINX_USER: Final = "nobody"
 NGINX_GROUP: Final = "nogroup"
+AS_NGINX_USER: Final = (
+    "setpriv",
+    f"--reuid={NGINX_USER}",
+    f"--regid={NGINX_GROUP}",
+    "--clear-groups",
+)
 CHRONY_USER: Final = "_chrony"  # Debian's chronyd drops to it; it writes the drift file
 PHC_LINE: Final = re.compile(r"^refclock PHC.*\n", re.MULTILINE)
 
@@ -296,19 +304,19 @@ class RunSecrets:
         }
 
 
-def _random_password() -> str:
+def random_password() -> str:
     alphabet = string.ascii_letters + string.digits
-    return "".join(secrets.choice(alphabet) for _ in range(SECRET_LENGTH))
+    return "".join(secrets.choice(alphabet) for _ in range(PASSWORD_LENGTH))
 
 
 def generate_secrets(settings: Settings) -> RunSecrets:
     return RunSecrets(
-        engine_api_key=_random_password(),
-        client_api_keys={key_id: _random_password() for key_id in settings.gateway.api_key_ids},
-        redis_app_password=_random_password(),
-        redis_exporter_password=_random_password(),
-        redis_admin_password=_random_password(),
-        hf_token=_random_password(),
+        engine_api_key=random_password(),
+        client_api_keys={key_id: random_password() for key_id in settings.gateway.api_key_ids},
+        redis_app_password=random_password(),
+        redis_exporter_password=random_password(),
+        redis_admin_password=random_password(),
+        hf_token=random_password(),
     )
 
 
@@ -402,32 +410,6 @@ class PlanError(ValueError):
 
 
 @dataclass(frozen=True)
-class Layout:
-    """Where a rehearsal keeps its state, files and logs."""
-
-    state_dir: Path
-
-    @property
-    def state_file(self) -> Path:
-        return self.state_dir / "state.json"
-
-    @property
-    def inventory(self) -> Path:
-        return self.state_dir / "inventory.json"
-
-    @property
-    def secrets(self) -> Path:
-        return self.state_dir / "secrets.json"
-
-    @property
-    def hosts(self) -> Path:
-        return self.state_dir / "hosts"
-
-    def host(self, role: str) -> Path:
-        return self.hosts / role
-
-
-@dataclass(frozen=True)
 class Endpoint:
     what: str
     address: str
@@ -461,6 +443,11 @@ class Options:
     join_timeout: float = DEFAULT_JOIN_TIMEOUT_S
     corruptions: tuple[Corruption, ...] = ()
     config_hash: str = ""  # stacks.verification.config_hash of the stack file
+
+
+def stack_path(stack: str) -> Path:
+    """`dev` -> Pulumi.dev.yaml in the repo; anything that looks like a path is taken as is."""
+    return Path(stack) if stack.endswith((".yaml", ".yml")) or "/" in stack else stack_file(stack)
 
 
 def rehearsed_groups(d: DeploymentSettings, max_groups: int) -> range:
@@ -666,7 +653,6 @@ def _containers(pod_spec: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _gateway_processes(ctx: _Context) -> list[ProcessSpec]:
     out: list[ProcessSpec] = []
-    drop = ("setpriv", f"--reuid={NGINX_USER}", f"--regid={NGINX_GROUP}", "--clear-groups")
     for host in ctx.of_kind("gateway"):
         conf = gateway_conf_path(ctx.options.layout, host.role)
         out += [
@@ -674,8 +660,8 @@ def _gateway_processes(ctx: _Context) -> list[ProcessSpec]:
                 name=f"{host.role}-nginx",
                 host=host.role,
                 program="nginx",
-                argv=(*drop, *nginx_argv(ctx.settings, conf)),
-                env=_base_env(),
+                argv=(*AS_NGINX_USER, *nginx_argv(ctx.settings, conf)),
+                env=base_env(),
                 stage=2,
                 ready=Ready(
                     tcp=(GATEWAY_PORT, GATEWAY_STATUS_PORT),
@@ -688,7 +674,7 @@ def _gateway_processes(ctx: _Context) -> list[ProcessSpec]:
                 host=host.role,
                 program="nginx-exporter",
                 argv=gateway_exporter_argv(ctx.settings),
-                env=_base_env(),
+                env=base_env(),
                 stage=3,
                 ready=Ready(tcp=(NGINX_EXPORTER_PORT,)),
             ),
@@ -813,7 +799,7 @@ def _services_processes(ctx: _Context) -> list[ProcessSpec]:
                 program="redis-server",
                 # The pod's args with the config file where the rehearsal put it.
                 argv=(server[0], str(redis_dir(layout) / "redis.conf")),
-                env=_base_env(),
+                env=base_env(),
                 stage=1,
                 ready=Ready(tcp=(REDIS_PORT,)),
             ),
@@ -822,7 +808,7 @@ def _services_processes(ctx: _Context) -> list[ProcessSpec]:
                 host=SERVICES,
                 program="redis-exporter",
                 argv=("prometheus-redis-exporter",),
-                env=_base_env() | redis_exporter_env(ctx.settings, ctx.secrets),
+                env=base_env() | redis_exporter_env(ctx.settings, ctx.secrets),
                 stage=1,
                 ready=Ready(tcp=(REDIS_EXPORTER_PORT,)),
             ),
@@ -840,7 +826,7 @@ def _services_processes(ctx: _Context) -> list[ProcessSpec]:
                     f"--storage.tsdb.path={base / 'data'}",
                     f"--web.listen-address=:{PROMETHEUS_PORT}",
                 ),
-                env=_base_env(),
+                env=base_env(),
                 stage=4,
                 ready=Ready(
                     tcp=(PROMETHEUS_PORT,), http=f"http://127.0.0.1:{PROMETHEUS_PORT}/-/ready"
@@ -913,7 +899,7 @@ def _chrony_processes(ctx: _Context) -> list[ProcessSpec]:
             host=TIMESERVER,
             program="chronyd (time server)",
             argv=("chronyd", "-x", "-d", "-f", str(ts_dir / "chrony.conf")),
-            env=_base_env(),
+            env=base_env(),
             stage=0,
             ready=Ready(udp=(NTP_PORT,)),
         )
@@ -927,7 +913,7 @@ def _chrony_processes(ctx: _Context) -> list[ProcessSpec]:
                     host=host.role,
                     program="chronyd",
                     argv=chronyd_argv(state / "chrony.conf", state),
-                    env=_base_env(),
+                    env=base_env(),
                     stage=0,
                     ready=Ready(udp=(CHRONYD_CMD_PORT,)),
                 )
@@ -942,7 +928,7 @@ def _node_exporters(ctx: _Context) -> list[ProcessSpec]:
             host=host.role,
             program="node-exporter",
             argv=("prometheus-node-exporter", f"--web.listen-address=:{NODE_EXPORTER_PORT}"),
-            env=_base_env(),
+            env=base_env(),
             stage=0,
             ready=Ready(tcp=(NODE_EXPORTER_PORT,)),
         )
@@ -966,30 +952,30 @@ def pod_env(
     """The container env as the pod sees it: LWS's injected vars first, then each entry in
     order with `$(VAR)` expanded, downward-API fields and Secret references filled in."""
     d = pod.deployment
-    env = {
-        LWS_LEADER_ADDRESS_ENV: leader_address(d.name, settings.serving.namespace, pod.group),
-        "LWS_GROUP_SIZE": str(d.nodes_per_group),
-    }
-    fields = {
-        "status.podIP": host_ip,
-        f"metadata.labels['{LWS_WORKER_INDEX_LABEL}']": str(pod.rank),
-    }
-    secret_values = {
-        ENGINE_API_KEY_ENTRY: secrets_.engine_api_key,
-        HF_TOKEN_ENTRY: secrets_.hf_token,
-    }
-    for var in pod_container(settings, pod)["env"]:
-        name = var["name"]
-        if "value" in var:
-            env[name] = expand_k8s_vars(var["value"], env)
-        elif "fieldRef" in var["valueFrom"]:
-            env[name] = fields[var["valueFrom"]["fieldRef"]["fieldPath"]]
-        else:
-            key = var["valueFrom"]["secretKeyRef"]["key"]
-            if key not in secret_values:
-                raise PlanError(f"pod {pod.name}: env {name} needs Secret key {key!r}")
-            env[name] = secret_values[key]
-    return env
+    secret = spec_for(settings, d).secret_name
+    env = pod_container(settings, pod)["env"]
+    resolved = resolve_env(
+        env,
+        {
+            LWS_LEADER_ADDRESS_ENV: leader_address(d.name, settings.serving.namespace, pod.group),
+            "LWS_GROUP_SIZE": str(d.nodes_per_group),
+        },
+        {
+            "status.podIP": host_ip,
+            f"metadata.labels['{LWS_WORKER_INDEX_LABEL}']": str(pod.rank),
+        },
+        {
+            (secret, ENGINE_API_KEY_ENTRY): secrets_.engine_api_key,
+            (secret, HF_TOKEN_ENTRY): secrets_.hf_token,
+        },
+    )
+    for var in env:
+        if var["name"] not in resolved:
+            ref = var["valueFrom"]["secretKeyRef"]
+            raise PlanError(
+                f"pod {pod.name}: env {var['name']} needs Secret {ref['name']} key {ref['key']!r}"
+            )
+    return resolved
 
 
 def pod_argv(settings: Settings, pod: EnginePod, env: Mapping[str, str]) -> list[str]:
@@ -1037,7 +1023,7 @@ def _engine_processes(ctx: _Context) -> list[ProcessSpec]:
                 host=pod.name,
                 program="engine leader" if leader else f"engine worker rank {pod.rank}",
                 argv=standin_argv(argv, ctx.options.join_timeout),
-                env=_base_env() | env,
+                env=base_env() | env,
                 stage=1,
                 ready=Ready(tcp=(VLLM_PORT,)) if leader else Ready(connects=MASTER_PORT),
                 pod=pod.name,
@@ -1047,7 +1033,8 @@ def _engine_processes(ctx: _Context) -> list[ProcessSpec]:
     return out
 
 
-def _base_env() -> dict[str, str]:
+def base_env() -> dict[str, str]:
+    """The env every rehearsal process starts from (the pods' images set their own)."""
     return {"PATH": PROCESS_PATH, "LANG": "C.UTF-8"}
 
 

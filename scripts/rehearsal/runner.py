@@ -84,10 +84,14 @@ class Progress:
 # --------------------------------------------------------------------------- preflight
 
 
-def preflight(state_dir: Path) -> None:
-    """Root, the programs of the Debian packages, a state directory nginx's user can reach."""
+def require_root() -> None:
     if os.geteuid() != 0:
         raise RehearsalFailed("the rehearsal needs root (network namespaces, ip netns exec)")
+
+
+def preflight(state_dir: Path) -> None:
+    """Root, the programs of the Debian packages, a state directory nginx's user can reach."""
+    require_root()
     missing = [p for p in PROGRAMS if shutil.which(p, path=PROCESS_PATH) is None]
     if missing:
         raise RehearsalFailed(
@@ -129,8 +133,8 @@ def bring_up(
     """Create the namespaces, write every file, start every process stage by stage and
     wait (at most `timeout` per stage) until each is ready and every clock is synchronised."""
     layout = Layout(state.path.parent)
-    _write_json(layout.secrets, secrets_.as_json(), mode=0o600)
     state.record_file(layout.secrets)
+    _write_json(layout.secrets, secrets_.as_json(), mode=0o600)
     progress.header(f"network: {len(plan.hosts)} hosts on a bridge in {plan.network.bridge_netns}")
     netns.create_network(state, plan.network)
     for host in plan.network.hosts:
@@ -143,24 +147,24 @@ def bring_up(
             _run_stage(plan, state, procs, progress, timeout)
     progress.header("clocks: every node's chronyd synchronised to the time server")
     wait_for_clocks(plan, state, progress, timeout)
-    _write_json(layout.inventory, dict(plan.inventory), mode=0o600)
     state.record_file(layout.inventory)
+    _write_json(layout.inventory, dict(plan.inventory), mode=0o600)
 
 
 def _write_files(plan: RehearsalPlan) -> None:
     for directory, owner in plan.directories:
         directory.mkdir(parents=True, exist_ok=True)
         if owner is not None:
-            _chown(directory, owner)
+            chown_to(directory, owner)
     for spec in plan.files:
         spec.path.parent.mkdir(parents=True, exist_ok=True)
         spec.path.write_text(spec.text, encoding="utf-8")
         spec.path.chmod(spec.mode)
         if spec.owner is not None:
-            _chown(spec.path, spec.owner)
+            chown_to(spec.path, spec.owner)
 
 
-def _chown(path: Path, user: str) -> None:
+def chown_to(path: Path, user: str) -> None:
     entry = pwd.getpwnam(user)
     os.chown(path, entry.pw_uid, entry.pw_gid)
 
@@ -179,7 +183,7 @@ def _start(plan: RehearsalPlan, state: netns.State, spec: ProcessSpec) -> subpro
         log = netns.log_dir(state) / f"{spec.name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         log.touch()
-        _chown(log, spec.log_owner)
+        chown_to(log, spec.log_owner)
     return netns.start_process(
         state, plan.netns(spec.host), list(spec.argv), name=spec.name, env=spec.env
     )
@@ -404,8 +408,8 @@ def supervise(state: netns.State, stop: Callable[[], bool], interval: float = 1.
 def write_supervisor(layout: Layout, state: netns.State) -> None:
     pid = os.getpid()
     path = layout.state_dir / SUPERVISOR_FILE
-    _write_json(path, {"pid": pid, "start_ticks": start_ticks(pid)}, mode=0o644)
     state.record_file(path)
+    _write_json(path, {"pid": pid, "start_ticks": netns.start_ticks(pid)}, mode=0o644)
 
 
 def supervisor_pid(layout: Layout) -> int | None:
@@ -415,16 +419,7 @@ def supervisor_pid(layout: Layout) -> int | None:
     except (OSError, ValueError):
         return None
     pid = int(data["pid"])
-    return pid if start_ticks(pid) == data["start_ticks"] else None
-
-
-def start_ticks(pid: int) -> int | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()
-    return None if fields[0] in ("Z", "X") else int(fields[19])
+    return pid if netns.start_ticks(pid) == data["start_ticks"] else None
 
 
 def stop_supervisor(layout: Layout, timeout: float) -> bool:
@@ -438,7 +433,7 @@ def stop_supervisor(layout: Layout, timeout: float) -> bool:
     while time.monotonic() < deadline:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)  # ours when we are its parent or subreaper
-        if start_ticks(pid) is None:
+        if netns.start_ticks(pid) is None:
             return True
         time.sleep(POLL_S)
     return False

@@ -6,18 +6,15 @@ auth, routing, streaming without buffering) to a real leader behind it.
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import re
-import struct
 import time
-import zlib
 from typing import Any
 
 import httpx
 import pytest
 
+from scripts.loadtest import make_png, png_data_url
 from tests.infra import probes
 from tests.infra.probes import InfraHost
 
@@ -27,23 +24,6 @@ STREAM_TOKENS = 16
 
 def chat_body(model: str, **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "Describe this."}], **extra}
-
-
-def noise_png(width: int, height: int) -> bytes:
-    """A valid PNG of random pixels (incompressible, so it stays multi-MiB)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    rows = b"".join(b"\x00" + os.urandom(width * 3) for _ in range(height))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(rows, 1))
-        + chunk(b"IEND", b"")
-    )
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +130,8 @@ def test_streaming_arrives_in_chunks(
 def test_a_multi_mib_image_request_is_accepted(
     http: httpx.Client, role_vars: dict[str, Any], key: str
 ) -> None:
-    png = noise_png(*IMAGE_SIZE)
-    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    png = make_png(*IMAGE_SIZE)
+    url = png_data_url(png)
     content = [
         {"type": "text", "text": "What is in this image?"},
         {"type": "image_url", "image_url": {"url": url}},

@@ -1,8 +1,10 @@
-"""Helpers for the platform tests: decode node user data, and check its parts with real programs.
+"""Helpers for the platform tests: decode node user data, and check rendered files with the real
+programs that consume them.
 
 chronyd only ever runs as `unshare -n chronyd -x -p -f FILE`: -p parses the file, prints it and
 exits; -x and an empty network namespace make sure it could neither adjust this machine's clock
-nor send a packet even if it did more.
+nor send a packet even if it did more. kubectl, likewise, only runs under `unshare -n`, with a
+stand-in `aws` first on its PATH.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from __future__ import annotations
 import base64
 import email
 import json
+import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
 from typing import Any
@@ -89,6 +93,74 @@ def run_cloud_init_schema(body: str, tmp_path: Path) -> subprocess.CompletedProc
         text=True,
         timeout=CHECK_TIMEOUT_SECONDS,
         check=False,
+    )
+
+
+# Stands in for the AWS CLI in the kubeconfig's exec plugin: records each call (its arguments, and
+# the KUBERNETES_EXEC_INFO kubectl hands a plugin) and answers with a token, as
+# `aws eks get-token` does.
+_FAKE_AWS = """#!/bin/sh
+printf '%s\\n' "$*" >> "$(dirname "$0")/calls"
+printf '%s\\n' "$KUBERNETES_EXEC_INFO" >> "$(dirname "$0")/exec-info"
+echo '{"kind": "ExecCredential", "apiVersion": "client.authentication.k8s.io/v1beta1",
+      "status": {"token": "k8s-aws-v1.stand-in"}}'
+"""
+
+
+@dataclass(frozen=True)
+class KubectlRun:
+    result: subprocess.CompletedProcess[str]
+    aws_calls: list[str]  # the argument lines the stand-in `aws` was called with
+    exec_info: list[dict[str, Any]]  # what kubectl told the plugin (KUBERNETES_EXEC_INFO)
+
+
+def self_signed_ca(tmp_path: Path) -> str:
+    """A base64 PEM certificate, as EKS returns in certificateAuthority.data."""
+    _need("openssl")
+    key, cert = tmp_path / "ca.key", tmp_path / "ca.pem"
+    command = "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1"
+    subprocess.run(
+        [*command.split(), "-subj", "/CN=kubernetes", "-keyout", str(key), "-out", str(cert)],
+        capture_output=True,
+        timeout=CHECK_TIMEOUT_SECONDS,
+        check=True,
+    )
+    return base64.b64encode(cert.read_bytes()).decode()
+
+
+def run_kubectl(config: dict[str, Any], args: Sequence[str], tmp_path: Path) -> KubectlRun:
+    """kubectl's own verdict on a kubeconfig.
+
+    It runs in an empty network namespace: a command that talks to the cluster loads and
+    validates the file, builds the TLS config from the CA, runs the exec credential plugin, and
+    only then fails to resolve the server, without a packet leaving. A clean environment and HOME
+    keep the caller's AWS and kubectl settings out.
+    """
+    _need("kubectl", "unshare")
+    home, bin_dir = tmp_path / "home", tmp_path / "bin"
+    home.mkdir(exist_ok=True)
+    bin_dir.mkdir(exist_ok=True)
+    aws = bin_dir / "aws"
+    aws.write_text(_FAKE_AWS)
+    aws.chmod(0o755)
+    path = tmp_path / "kubeconfig"
+    path.write_text(json.dumps(config))
+    result = subprocess.run(
+        ["unshare", "-n", "kubectl", "--kubeconfig", str(path), *args],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env={"PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}", "HOME": str(home)},
+        timeout=CHECK_TIMEOUT_SECONDS,
+        check=False,
+    )
+    calls, info = bin_dir / "calls", bin_dir / "exec-info"
+    return KubectlRun(
+        result=result,
+        aws_calls=calls.read_text().splitlines() if calls.exists() else [],
+        exec_info=[json.loads(line) for line in info.read_text().split("\n") if line]
+        if info.exists()
+        else [],
     )
 
 

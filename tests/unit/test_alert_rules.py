@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import subprocess
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,23 @@ from typing import Any
 import pytest
 import yaml
 
-from components.alert_rules import build_alert_rules, ksm_label, render_alert_rules
-from components.naming import LWS_NAME_LABEL, NODE_GROUP_LABEL, lws_name
+from components.alert_rules import build_alert_rules, render_alert_rules
 from stacks.schema import Settings
 from stacks.settings import ROOT, load_stack_file
-from tests.metric_names import REFERENCE_FILES, exporter_names, metric_names, reference_names
+from tests.metric_names import (
+    REFERENCE_FILES,
+    exporter_names,
+    metric_names,
+    promtool,
+    reference_names,
+)
 
 STACKS = ["dev", "staging", "prod"]
+# The series kube-state-metrics exports for the allow-listed labels qwen-vl-serving/node-group
+# and leaderworkerset.sigs.k8s.io/name: "label_" + the key with every invalid character as "_"
+# (kube-state-metrics docs, --metric-labels-allowlist).
+KSM_NODE_GROUP = "label_qwen_vl_serving_node_group"
+KSM_LWS_NAME = "label_leaderworkerset_sigs_k8s_io_name"
 # Hand count: per deployment VllmEngineDown + VllmMetricsAbsent + VllmEngineRestarts, then
 # queue, KV, TTFT, gateway 5xx, XID, GPU node NotReady, clock offset, clock sync, Redis memory.
 RULE_COUNTS = {"dev": 3 + 9, "staging": 6 + 9, "prod": 6 + 9}
@@ -36,12 +45,6 @@ ALL_ALERTS = {
 
 Series = list[dict[str, str]]
 Case = dict[str, Any]  # one promtool test group
-
-
-def promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["promtool", *map(str, args)], check=False, capture_output=True, text=True, timeout=60
-    )
 
 
 def settings_of(stack: str) -> Settings:
@@ -138,7 +141,6 @@ def metrics_absent_cases(s: Settings) -> list[Case]:
 def restart_cases(s: Settings) -> list[Case]:
     limit = s.monitoring.alerts.worker_restarts_per_hour
     ns = s.serving.namespace
-    lws_key = ksm_label(LWS_NAME_LABEL)
 
     def restarts(pod: str, values: str) -> dict[str, str]:
         return series(
@@ -148,13 +150,13 @@ def restart_cases(s: Settings) -> list[Case]:
         )
 
     def pod_labels(pod: str, lws_value: str | None) -> dict[str, str]:
-        extra = {lws_key: lws_value} if lws_value else {}
+        extra = {KSM_LWS_NAME: lws_value} if lws_value else {}
         return series("kube_pod_labels", {"namespace": ns, "pod": pod, **extra}, "1x70")
 
     cases = []
     for d in s.serving.deployments:
         rule = the_rule(s, "VllmEngineRestarts", deployment=d.name)
-        lws = lws_name(d.name)
+        lws = d.name  # LeaderWorkerSet names its pods <lws>-<group>[-<worker>]
 
         # limit+1 restarts early in the window, none afterwards: increase over the hour at
         # t=60m spans exactly the samples 0m..60m, so there is no extrapolation.
@@ -292,7 +294,7 @@ def xid_cases(s: Settings) -> list[Case]:
 
 def node_not_ready_cases(s: Settings) -> list[Case]:
     rule = the_rule(s, "GpuNodeNotReady")
-    group_key = ksm_label(NODE_GROUP_LABEL)
+    group_key = KSM_NODE_GROUP
     gpu_group = s.gpu_node_groups[-1].name
 
     def node(name: str, ready: str, group: str | None) -> Series:
@@ -463,7 +465,7 @@ def test_thresholds_and_windows_come_from_settings() -> None:
 
 def test_gpu_node_alert_selects_the_gpu_node_groups_of_the_stack() -> None:
     expr = the_rule(settings_of("prod"), "GpuNodeNotReady")["expr"]
-    assert 'label_qwen_vl_serving_node_group=~"l40s|h100-efa"' in expr
+    assert f'{KSM_NODE_GROUP}=~"l40s|h100-efa"' in expr
 
 
 def test_redis_alert_only_when_redis_runs() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import yaml
 from components.autoscaling import activity_query, build_scaled_object, kv_cache_query, queue_query
 from stacks.settings import ROOT, load_stack_file
 from tests.harness import StackRun, run_stack
+from tests.metric_names import check_queries, metric_names, reference_names
 
 STACKS = ["dev", "staging", "prod"]
 SCALED_OBJECT = "kubernetes:keda.sh/v1alpha1:ScaledObject"
@@ -156,17 +156,15 @@ def test_zero_groups_only_with_scale_to_zero() -> None:
         )
 
 
-def test_trigger_queries_parse_with_promtool(tmp_path: Path) -> None:
+def test_trigger_queries_parse_with_promtool_and_use_vllm_metrics(tmp_path: Path) -> None:
     queries = [queue_query("d"), kv_cache_query("d"), activity_query("d")]
-    rules = [{"record": f"keda:query:{i}", "expr": q} for i, q in enumerate(queries)]
-    path = tmp_path / "queries.yml"
-    path.write_text(yaml.safe_dump({"groups": [{"name": "keda", "rules": rules}]}))
-    result = subprocess.run(
-        ["promtool", "check", "rules", str(path)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = check_queries(queries, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS: 3 rules found" in result.stdout
+    used = set().union(*map(metric_names, queries))
+    assert used == {
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:num_requests_running",
+    }
+    assert used <= reference_names("vllm_metrics.txt")  # vllm-contract.md §4

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
+import kubernetes_validate
 import pytest
 
 from components.cluster_addons import (
@@ -28,6 +30,22 @@ RELEASES = {
     "addons-lws": ("lws", "lws-system"),
     "addons-cluster-autoscaler": ("cluster-autoscaler", "kube-system"),
 }
+# facts §A1: every GPU type with EFA (main table, and the g5/g6/g6e sizes that have it).
+EFA_TYPES = [
+    "p4d.24xlarge",
+    "p4de.24xlarge",
+    "p5.4xlarge",
+    "p5.48xlarge",
+    "p5e.48xlarge",
+    "p5en.48xlarge",
+    "p6-b200.48xlarge",
+    "p6-b300.48xlarge",
+    *(
+        f"{family}.{size}"
+        for family in ("g5", "g6", "g6e")
+        for size in ("8xlarge", "12xlarge", "16xlarge", "24xlarge", "48xlarge")
+    ),
+]
 
 
 @pytest.fixture(scope="module", params=list(STACKS))
@@ -72,6 +90,69 @@ def test_efa_device_plugin_tolerates_the_gpu_taint_on_efa_nodes_only() -> None:
     assert values["nodeSelector"] == {"qwen-vl-serving/efa": "true"}
 
 
+def test_efa_device_plugin_is_allowed_on_every_efa_type() -> None:
+    """The chart's own allow-list has no p4d/p4de at the pinned version (facts §A4)."""
+    allowed = build_efa_device_plugin_values()["supportedInstanceLabels"]
+    assert allowed["keys"] == ["node.kubernetes.io/instance-type"]
+    assert sorted(allowed["values"]) == sorted(EFA_TYPES)
+
+
+def chart_affinity(values: dict[str, Any]) -> dict[str, Any]:
+    """The required node affinity the EFA chart's DaemonSet template builds from
+    supportedInstanceLabels (aws/eks-charts stable/aws-efa-k8s-device-plugin/templates)."""
+    labels = values["supportedInstanceLabels"]
+    terms = [
+        {"matchExpressions": [{"key": key, "operator": "In", "values": labels["values"]}]}
+        for key in labels["keys"]
+    ]
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}
+        }
+    }
+
+
+def pod_fields(values: dict[str, Any]) -> dict[str, Any]:
+    """A Pod carrying the pod-spec fields the charts copy verbatim from our values."""
+    spec: dict[str, Any] = {"containers": [{"name": "c", "image": "i"}]}
+    for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName"):
+        if key in values:
+            spec[key] = values[key]
+    if "supportedInstanceLabels" in values:
+        spec["affinity"] = chart_affinity(values)
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "values"}, "spec": spec}
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        build_nvidia_device_plugin_values,
+        build_efa_device_plugin_values,
+        build_dcgm_exporter_values,
+        build_lws_values,
+        lambda: build_cluster_autoscaler_values(
+            cluster_name="c", region="us-east-1", role_arn="arn", image_tag="v1.33.0"
+        ),
+    ],
+    ids=["nvidia", "efa", "dcgm", "lws", "cluster-autoscaler"],
+)
+def test_pod_fields_of_the_values_pass_the_kubernetes_schema(
+    build: Callable[[], dict[str, Any]],
+) -> None:
+    """No helm binary exists here, so the charts are never rendered; what can be checked is that
+    the pod-spec parts of the values are valid Kubernetes 1.33 objects (strict: no unknown key)."""
+    pod = pod_fields(build())
+    assert set(pod["spec"]) > {"containers"}
+    kubernetes_validate.validate(pod, "1.33.0", strict=True)
+
+
+def test_values_schema_check_can_fail() -> None:
+    values = build_nvidia_device_plugin_values()
+    values["tolerations"][0]["efect"] = values["tolerations"][0].pop("effect")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(pod_fields(values), "1.33.0", strict=True)
+
+
 def test_dcgm_exporter_on_gpu_nodes_without_its_own_service_monitor() -> None:
     values = build_dcgm_exporter_values()
     assert tolerates(values["tolerations"], GPU_TAINT)
@@ -104,6 +185,22 @@ def test_cluster_autoscaler_values() -> None:
     assert account["annotations"] == {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/ca"}
     # Engines mount an emptyDir at /dev/shm; with the default GPU nodes never scale down.
     assert values["extraArgs"]["skip-nodes-with-local-storage"] is False
+
+
+def test_device_plugin_charts_are_the_published_ones(run: StackRun) -> None:
+    efa = release(run, "addons-aws-efa-k8s-device-plugin")
+    # facts §A4: eks/aws-efa-k8s-device-plugin, chart version v0.5.30.
+    assert (efa["chart"], efa["version"], efa["repositoryOpts"]["repo"]) == (
+        "aws-efa-k8s-device-plugin",
+        "v0.5.30",
+        "https://aws.github.io/eks-charts",
+    )
+    # facts §A5: nvdp/nvidia-device-plugin from https://nvidia.github.io/k8s-device-plugin.
+    nvidia = release(run, "addons-nvidia-device-plugin")
+    assert (nvidia["chart"], nvidia["repositoryOpts"]["repo"]) == (
+        "nvidia-device-plugin",
+        "https://nvidia.github.io/k8s-device-plugin",
+    )
 
 
 @pytest.mark.parametrize("name", list(RELEASES))

@@ -130,7 +130,12 @@ def test_markdown_estimate_states_source_and_date(capsys: pytest.CaptureFixture[
     assert main(["--stack", "prod", "--markdown"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("#### Monthly cost of `prod`: $87,160.85")
-    assert "AWS on-demand list prices, us-east-1, as of 2025-06-15" in out
+    # The table was written from memory: the comment must say so, and where to check it.
+    assert (
+        "AWS on-demand list prices, us-east-1, meant as of 2025-06-15 but written from memory"
+        in out
+    )
+    assert "https://aws.amazon.com/ec2/pricing/on-demand/" in out
 
 
 def test_another_region_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -154,3 +159,27 @@ def test_an_invalid_stack_file_is_one_clean_message(
     )
     assert main(["--stack", "dev", "--file", str(bad)]) == 1
     assert "gateway.replicas=one: must be an integer" in capsys.readouterr().err
+
+
+def test_an_unknown_stack_is_one_clean_message(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--stack", "dev", "--against", "nope"]) == 1
+    err = capsys.readouterr().err
+    assert "Pulumi.nope.yaml" in err
+    assert "file: no such stack file" in err
+
+
+def test_a_directory_for_a_stack_file_is_one_clean_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--stack", "dev", "--file", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (
+        f"cost: {tmp_path}: 1 configuration problem(s):\n  - file: cannot read it: Is a directory\n"
+    )
+
+
+@pytest.mark.parametrize("value", ["NaN", "-5", "lots", "Infinity"])
+def test_nat_traffic_must_be_gigabytes(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["--stack", "dev", "--nat-gb", value])
+    assert stop.value.code == 2
+    assert f"argument --nat-gb: '{value}' is not a number of GB >= 0" in capsys.readouterr().err

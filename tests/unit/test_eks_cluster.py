@@ -14,12 +14,7 @@ from components.eks_spec import (
     managed_policy_arn,
     partition_of,
 )
-from components.versions import (
-    KUBERNETES_PINS,
-    VPC_CNI,
-    VPC_CNI_MIN_FOR_EFA_ONLY,
-    addon_semver,
-)
+from components.versions import KUBERNETES_PINS, addon_semver
 from tests.harness import (
     MOCK_CLUSTER_CA,
     StackRun,
@@ -35,6 +30,8 @@ from tests.unit.platform_checks import (
     mock_id,
     node_config,
     run_chronyd_parse,
+    run_kubectl,
+    self_signed_ca,
     stack_variant,
 )
 
@@ -45,6 +42,8 @@ STACKS = {
     "prod": ("qwen-vl-prod", False, ("m7i.2xlarge", 3, 3, 6)),
 }
 ADDONS = {"vpc-cni", "kube-proxy", "eks-pod-identity-agent", "coredns", "aws-ebs-csi-driver"}
+# facts §A2: `efa-only` interfaces need VPC CNI >= 1.18.5.
+EFA_ONLY_MIN_VPC_CNI = (1, 18, 5)
 
 
 @pytest.fixture(scope="module", params=list(STACKS))
@@ -93,8 +92,11 @@ def test_oidc_provider_for_irsa_uses_the_cluster_issuer(run: StackRun) -> None:
 def test_managed_addons_pinned_and_vpc_cni_supports_efa_only(run: StackRun) -> None:
     addons = {a.inputs["addonName"]: a.inputs for a in run.of_type("aws:eks/addon:Addon")}
     assert set(addons) == ADDONS
-    assert addons[VPC_CNI]["addonVersion"] == KUBERNETES_PINS["1.33"].addons[VPC_CNI]
-    assert addon_semver(addons[VPC_CNI]["addonVersion"]) >= (1, 18, 5)  # facts §A2
+    # Every add-on gets an explicit EKS add-on version (vX.Y.Z-eksbuild.N), never "latest".
+    versions = {name: addon_semver(a["addonVersion"]) for name, a in addons.items()}
+    # EKS builds kube-proxy per Kubernetes minor: it must be the cluster's (1.33 in every stack).
+    assert versions["kube-proxy"][:2] == (1, 33)
+    assert versions["vpc-cni"] >= EFA_ONLY_MIN_VPC_CNI
 
 
 def test_node_level_addons_come_before_the_nodes_and_the_rest_after(run: StackRun) -> None:
@@ -184,6 +186,45 @@ def test_kubeconfig_authenticates_through_aws_eks_get_token(run: StackRun) -> No
     assert "token" not in config["users"][0]["user"]
 
 
+def test_kubectl_reads_the_kubeconfig_as_written(run: StackRun, tmp_path: Path) -> None:
+    config = kubeconfig(run)
+    found = run_kubectl(config, ["config", "view", "--minify", "--raw", "-o", "json"], tmp_path)
+    assert found.result.returncode == 0, found.result.stderr
+    view = json.loads(found.result.stdout)
+    # --raw re-encodes the CA it decoded; --minify resolves current-context -> cluster and user.
+    for key in ("clusters", "contexts", "current-context"):
+        assert view[key] == config[key]
+    assert view["users"][0]["user"]["exec"]["args"] == config["users"][0]["user"]["exec"]["args"]
+
+
+def test_kubectl_gets_its_token_from_aws_eks_get_token(run: StackRun, tmp_path: Path) -> None:
+    name, _, _ = STACKS[run.stack]
+    config = kubeconfig(run)
+    # The mocks' CA is not a certificate, and kubectl builds its TLS config before it asks the
+    # credential plugin; EKS returns a base64 PEM certificate there.
+    config["clusters"][0]["cluster"]["certificate-authority-data"] = self_signed_ca(tmp_path)
+    found = run_kubectl(config, ["get", "--raw", "/version", "--request-timeout=5s"], tmp_path)
+    # It got as far as dialling the server, which the empty network namespace refuses.
+    assert "Unable to connect to the server" in found.result.stderr, found.result.stderr
+    assert found.aws_calls, found.result.stderr
+    assert set(found.aws_calls) == {
+        f"eks get-token --cluster-name {name} --region us-east-1 --output json"
+    }
+    info = found.exec_info[0]
+    assert info["apiVersion"] == "client.authentication.k8s.io/v1beta1"
+    assert info["spec"]["interactive"] is False  # interactiveMode: Never
+
+
+def test_kubectl_check_can_fail(run: StackRun, tmp_path: Path) -> None:
+    config = kubeconfig(run)
+    config["clusters"][0]["cluster"]["certificate-authority-data"] = self_signed_ca(tmp_path)
+    config["users"][0]["user"]["exec"]["interactiveMode"] = "Nevr"
+    found = run_kubectl(config, ["get", "--raw", "/version", "--request-timeout=5s"], tmp_path)
+    assert found.result.returncode != 0
+    assert "invalid interactiveMode" in found.result.stderr
+    assert found.aws_calls == []
+
+
 def test_stack_outputs_name_the_cluster(run: StackRun) -> None:
     name, _, _ = STACKS[run.stack]
     assert run.outputs["cluster_name"] == name
@@ -261,9 +302,14 @@ def test_existing_cluster_irsa_trusts_its_oidc_provider(existing_run: StackRun) 
     assert trust["Principal"]["Federated"] == f"arn:aws:iam::123456789012:oidc-provider/{issuer}"
 
 
-def test_every_pinned_kubernetes_version_has_an_efa_only_capable_vpc_cni() -> None:
-    for pins in KUBERNETES_PINS.values():
-        assert addon_semver(pins.addons[VPC_CNI]) >= VPC_CNI_MIN_FOR_EFA_ONLY
+@pytest.mark.parametrize("minor", list(KUBERNETES_PINS))
+def test_every_pinned_kubernetes_version_has_matching_addons(minor: str) -> None:
+    pins = KUBERNETES_PINS[minor]
+    assert addon_semver(pins.addons["vpc-cni"]) >= EFA_ONLY_MIN_VPC_CNI
+    # kube-proxy and Cluster Autoscaler are released per Kubernetes minor and must match it.
+    major_minor = tuple(int(part) for part in minor.split("."))
+    assert addon_semver(pins.addons["kube-proxy"])[:2] == major_minor
+    assert pins.cluster_autoscaler_image_tag.startswith(f"v{minor}.")
 
 
 def test_addon_version_parser_rejects_other_formats() -> None:

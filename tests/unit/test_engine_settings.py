@@ -123,6 +123,13 @@ CASES: list[tuple[str, str, Mutation, str, str]] = [
         "from maxModelLen",
     ),
     (
+        "extra-kv-transfer-config-owned",
+        "dev",
+        on_deployment(0, extraArgs=["--kv-transfer-config", '{"kv_connector":"NixlConnector"}']),
+        "serving.deployments[0].extraArgs[0]=--kv-transfer-config",
+        "set by the engine builder from kvOffloadRedis",
+    ),
+    (
         "extra-api-key",
         "dev",
         on_deployment(0, extraArgs=["--api-key", "hunter2"]),

@@ -13,12 +13,10 @@ import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,23 +24,18 @@ from typing import Any
 
 import pytest
 
+from components.vllm_command import FLAG_TABLE_FILE
 from scripts import engine_standin as standin
+from scripts.loadtest import make_png
+from tests.local import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 STANDIN = ROOT / "scripts" / "engine_standin.py"
-# The lead copies the reference table into the package; fall back to the reference copy.
-TABLE = next(
-    p
-    for p in (
-        ROOT / "components" / "data" / "vllm-0.33-serve-options.tsv",
-        Path("/work/shared/reference/vllm-serve-options.tsv"),
-    )
-    if p.is_file()
-)
 # -I -S: isolated and without site-packages, so the stand-in is proven to need only the
-# standard library (the rehearsal runs it with the machine's python3 inside namespaces).
+# standard library and the repo's own modules (the rehearsal runs it with the machine's
+# python3 inside namespaces).
 PYTHON_STDLIB_ONLY = (sys.executable, "-I", "-S")
-SPECS = standin.load_flag_table(TABLE)
+SPECS = standin.serve_options()
 PARSER = standin.build_parser(SPECS)
 KEY = "test-engine-key"
 
@@ -58,10 +51,17 @@ def config(*argv: str, env: Mapping[str, str] | None = None) -> standin.EngineCo
 # --------------------------------------------------------------------------- flag parsing
 
 
-def test_table_is_vllm_0_33s_full_option_set() -> None:
-    # vllm-contract.md: "all 320 options", plus the positional model_tag.
-    assert len(SPECS) == 321
-    assert SPECS[0].dest == "model_tag"
+def test_options_are_every_row_of_vllm_0_33s_table_in_order() -> None:
+    # vllm-contract.md: "all 320 options", plus the positional model_tag. Read here as plain
+    # TSV (comment line, header, one row per option), apart from vllm_command's parser.
+    rows = [line.split("\t") for line in FLAG_TABLE_FILE.read_text().splitlines()[2:]]
+    assert len(SPECS) == len(rows) == 321
+    assert [(spec.strings, spec.dest) for spec in SPECS] == [
+        (tuple(s.strip() for s in row[1].split(",")), row[2]) for row in rows
+    ]
+    assert SPECS[0].is_positional
+    tp = next(spec for spec in SPECS if spec.dest == "tensor_parallel_size")
+    assert (tp.strings, tp.default) == (("--tensor-parallel-size", "-tp"), "1")
 
 
 def _value_for(spec: standin.OptionSpec) -> tuple[list[str], object]:
@@ -124,8 +124,6 @@ def test_rejection_exits_2_with_argparse_text_from_the_real_program() -> None:
         [
             *PYTHON_STDLIB_ONLY,
             str(STANDIN),
-            "--flag-table",
-            str(TABLE),
             "serve",
             "M",
             "--worker-use-ray",
@@ -249,7 +247,7 @@ def test_vllm_port_holding_a_uri_is_refused_as_vllm_does() -> None:
 
 def test_check_mode_prints_the_resolved_settings(capsys: pytest.CaptureFixture[str]) -> None:
     argv = (
-        f"--check --flag-table {TABLE} serve Qwen/Qwen3-VL-32B-Instruct -tp 4 -pp 2 --nnodes 2 "
+        "--check serve Qwen/Qwen3-VL-32B-Instruct -tp 4 -pp 2 --nnodes 2 "
         "--node-rank 1 --headless --master-addr qwen3-vl-32b-0.qwen3-vl-32b.serving"
     )
     assert standin.main(argv.split(), env={}) == 0
@@ -297,8 +295,6 @@ class Fleet:
                 [
                     *PYTHON_STDLIB_ONLY,
                     str(STANDIN),
-                    "--flag-table",
-                    str(TABLE),
                     "--join-timeout",
                     str(join_timeout),
                     "--token-delay",
@@ -334,12 +330,6 @@ def spawn(tmp_path: Path) -> Iterator[Spawn]:
     fleet = Fleet(tmp_path)
     yield fleet.start
     fleet.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def is_listening(port: int) -> bool:
@@ -474,24 +464,6 @@ def test_a_rank_outside_the_group_exits_before_connecting(spawn: Spawn) -> None:
 # --------------------------------------------------------------------------- HTTP surface
 
 
-def png(width: int, height: int, *, noise: bool = False) -> bytes:
-    """A valid PNG (8-bit RGB), uncompressed so that noise makes it as big as its pixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    row = os.urandom(width * 3) if noise else b"\x80" * (width * 3)
-    raw = b"".join(b"\x00" + row for _ in range(height))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw, 0))
-        + chunk(b"IEND", b"")
-    )
-
-
 def image_part(data: bytes, mime: str = "image/png") -> dict[str, Any]:
     url = f"data:{mime};base64,{base64.b64encode(data).decode()}"
     return {"type": "image_url", "image_url": {"url": url}}
@@ -615,7 +587,9 @@ def test_streaming_arrives_as_several_sse_chunks_over_time(server: int) -> None:
 
 def test_images_are_decoded_and_checked(server: int) -> None:
     post = lambda body: request(server, "POST", "/v1/chat/completions", body, AUTH)  # noqa: E731
-    ok = chat([{"type": "text", "text": "What is this?"}, image_part(png(7, 5))], max_tokens=40)
+    ok = chat(
+        [{"type": "text", "text": "What is this?"}, image_part(make_png(7, 5))], max_tokens=40
+    )
     status, body = post(ok)
     assert status == 200
     assert "image 1: PNG 7x5, " in json.loads(body)["choices"][0]["message"]["content"]
@@ -633,7 +607,7 @@ def test_images_are_decoded_and_checked(server: int) -> None:
     remote = {"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}}
     assert post(chat([remote]))[0] == 400
 
-    three = [image_part(png(1, 1)) for _ in range(3)]
+    three = [image_part(make_png(1, 1)) for _ in range(3)]
     status, body = post(chat(three))
     assert status == 400
     assert (
@@ -642,7 +616,7 @@ def test_images_are_decoded_and_checked(server: int) -> None:
 
 
 def test_a_multi_mib_image_is_accepted(server: int) -> None:
-    big = png(1024, 1024, noise=True)
+    big = make_png(1024, 1024)
     assert len(big) > 3 * 1024 * 1024
     body = chat([image_part(big)])
     status, raw = request(server, "POST", "/v1/chat/completions", body, AUTH)
@@ -681,7 +655,7 @@ def test_metrics_count_exactly_what_was_served(spawn: Spawn) -> None:
     wait_until(lambda: is_listening(port), 15, "the engine's HTTP port")
     post = lambda body: request(port, "POST", "/v1/chat/completions", body)  # noqa: E731
     forty_words = " ".join(f"w{i}" for i in range(40))
-    image = image_part(png(3, 3))
+    image = image_part(make_png(3, 3))
 
     assert post(chat("one two three", max_tokens=5))[0] == 200  # 3 prompt, 5 generated
     assert post(chat("one two three", max_tokens=5))[0] == 200  # 3 prompt, 5 generated

@@ -18,12 +18,10 @@ from components.naming import GATEWAY_KEYS_SECRET
 from components.nginx_conf import (
     API_KEYS_FILE,
     ENGINE_AUTH_FILE,
-    RESOLVER_FILE,
     build_nginx_conf_args,
     render_api_keys_map,
     render_engine_auth,
     render_nginx_conf,
-    render_resolver_conf,
 )
 from stacks.parse import Problem
 from stacks.rules import gateway_rules, validate
@@ -111,10 +109,13 @@ def test_keys_live_in_the_secret_only(stack: tuple[Settings, StackRun]) -> None:
             assert not [v for v in values if v in text], resource.name
     volumes = {v["name"]: v for v in pod(run)["spec"]["volumes"]}
     assert volumes["keys"]["secret"]["secretName"] == GATEWAY_KEYS_SECRET
-    assert {i["key"] for i in volumes["keys"]["secret"]["items"]} == {
-        API_KEYS_FILE,
-        ENGINE_AUTH_FILE,
-    }
+    items = volumes["keys"]["secret"]["items"]
+    assert {i["key"] for i in items} == {"api-keys.map", "engine-auth.conf"}
+    # nginx finds each file where the pod mounts the Secret and the config includes it.
+    mount = next(m for m in container(run, "nginx")["volumeMounts"] if m["name"] == "keys")
+    conf = one(run, "core/v1:ConfigMap", "config")["data"]["nginx.conf"]
+    for item in items:
+        assert f"include {mount['mountPath']}/{item['path']};" in conf
     assert volumes["keys"]["secret"]["defaultMode"] == 0o440
     assert volumes["config"]["configMap"]["name"] == "gateway-nginx"
 
@@ -299,20 +300,23 @@ def fake_nginx(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("resolv", "nameserver"),
+    ("resolv", "resolver_line"),
     [
         (
             "search qwen-vl.svc.cluster.local svc.cluster.local\nnameserver 172.20.0.10\noptions ndots:5\n",
-            "172.20.0.10",
+            "resolver 172.20.0.10 valid=5s ipv6=off;\n",
         ),
-        ("nameserver fd00:10:100::a\nnameserver 10.0.0.2\n", "fd00:10:100::a"),
+        (
+            "nameserver fd00:10:100::a\nnameserver 10.0.0.2\n",
+            "resolver [fd00:10:100::a] valid=5s ipv6=off;\n",
+        ),
     ],
 )
 def test_the_start_script_points_the_resolver_at_kube_dns(
     tmp_path: Path,
     fake_nginx: Path,
     resolv: str,
-    nameserver: str,
+    resolver_line: str,
 ) -> None:
     settings = load_stack_file(stack_file("dev"))
     conf = build_nginx_conf_args(settings)
@@ -330,7 +334,7 @@ def test_the_start_script_points_the_resolver_at_kube_dns(
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert (runtime / RESOLVER_FILE).read_text() == render_resolver_conf(nameserver)
+    assert (runtime / "resolver.conf").read_text() == resolver_line
     assert (tmp_path / "nginx-args").read_text() == "-e stderr -c /etc/nginx/gateway/nginx.conf\n"
 
 
@@ -380,7 +384,7 @@ def test_the_stack_files_pass_the_gateway_rules() -> None:
         ({"image": "nginx:mainline-alpine"}, "gateway.image", "needs a version tag"),
         ({"read_timeout_seconds": 30}, "gateway.readTimeoutSeconds", "between 60 and 3600"),
         ({"read_timeout_seconds": 7200}, "gateway.readTimeoutSeconds", "between 60 and 3600"),
-        ({"client_max_body_size_mib": 0}, "gateway.clientMaxBodySizeMib", "between 1 and 1024"),
+        ({"client_max_body_size_mib": 0}, "gateway.clientMaxBodySizeMib", "between 10 and 1024"),
         ({"affinity_header": "X_Session_Id"}, "gateway.affinityHeader", "underscores"),
         ({"affinity_header": "X Session"}, "gateway.affinityHeader", "header name"),
         ({"api_key_ids": ()}, "gateway.apiKeyIds", "at least one key id"),

@@ -49,6 +49,8 @@ class Group:
         return f"{self.stack}-{self.name}"
 
 
+# Instance facts written from facts §A1, never read from stacks/catalog.py: g6e.xlarge 1 L40S, no
+# EFA; g6e.24xlarge 4 GPUs, 2 EFA; p5.48xlarge 8 GPUs, 32 EFA.
 GROUPS = [
     Group("dev", "l40s", "g6e.xlarge", None, (0, 1, 1), 150, 1, 0),
     Group("staging", "l40s", "g6e.xlarge", None, (1, 2, 3), 300, 1, 0),
@@ -239,12 +241,18 @@ def test_groups_without_efa_span_every_zone_with_default_networking(
     assert f"gpu-{group.name}-placement" not in names
 
 
+# (network cards, max EFA) from facts §A1's table; one interface per card.
 @pytest.mark.parametrize(
     ("kind", "interfaces", "efa", "card0"),
     [
         pytest.param("p5.48xlarge", 32, 32, "efa", id="p5.48xlarge"),
+        pytest.param("p5e.48xlarge", 32, 32, "efa", id="p5e.48xlarge"),
         pytest.param("p5en.48xlarge", 16, 16, "efa", id="p5en.48xlarge"),
+        pytest.param("p6-b200.48xlarge", 8, 8, "efa", id="p6-b200.48xlarge"),
+        pytest.param("p4d.24xlarge", 4, 4, "efa", id="p4d.24xlarge"),
+        pytest.param("g6e.48xlarge", 4, 4, "efa", id="g6e.48xlarge"),
         pytest.param("g6e.24xlarge", 2, 2, "efa", id="g6e.24xlarge"),
+        pytest.param("g6.12xlarge", 1, 1, "efa", id="g6.12xlarge"),
         # 17 network cards, 16 EFA: card 0 cannot carry one (facts §A1).
         pytest.param("p6-b300.48xlarge", 17, 16, "interface", id="p6-b300.48xlarge"),
     ],

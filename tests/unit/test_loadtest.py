@@ -35,6 +35,8 @@ from scripts.bench import (
     Topology,
     failover_counts,
 )
+from scripts.bench import options as bench_options
+from scripts.bench import parser as bench_parser
 from scripts.rehearsal import netns
 from tests.unit.test_gateway_behaviour import (
     CLIENT_KEYS,
@@ -282,6 +284,7 @@ def test_cluster_target_from_stack_outputs() -> None:
         ({"gateway_url": None}, "no gateway_url"),
         ({"gateway_api_keys": "[secret]"}, "--show-secrets"),
         ({"stack": "dev"}, "not 'prod'"),
+        ({"engines": {"qwen3-vl-2b": "qwen3-vl-2b"}}, "the engines output is not"),
     ],
 )
 def test_unusable_outputs_are_refused(given: dict[str, object], problem: str) -> None:
@@ -327,29 +330,25 @@ def test_urls_with_more_than_an_origin_are_refused(url: str) -> None:
         lt.origin(url)
 
 
+def run_loadtest(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """scripts/loadtest.py as a user runs it: its own process, output captured."""
+    return subprocess.run(
+        [sys.executable, "scripts/loadtest.py", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+    )
+
+
 def test_the_command_refuses_before_sending_anything(tmp_path: Path) -> None:
     (tmp_path / "outputs.json").write_text(json.dumps(outputs()))
     out = tmp_path / "out"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "scripts/loadtest.py",
-            "--stack",
-            "prod",
-            "--target",
-            "cluster",
-            "--outputs-file",
-            str(tmp_path / "outputs.json"),
-            "--url",
-            "http://example.org",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        check=False,
+    done = run_loadtest(
+        *("--stack", "prod", "--target", "cluster"),
+        *("--outputs-file", str(tmp_path / "outputs.json")),
+        *("--url", "http://example.org", "--out", str(out)),
     )
     assert done.returncode == 2
     assert "refusing to load http://example.org" in done.stderr
@@ -420,6 +419,29 @@ def test_rehearsal_of_another_stack_or_none_is_refused(tmp_path: Path) -> None:
         lt.rehearsal_target(tmp_path, "dev", None)
 
 
+def test_the_rehearsal_needs_root_and_ip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_inventory(tmp_path)
+    monkeypatch.setattr(lt.shutil, "which", lambda _name: None)  # as without iproute2
+    out = tmp_path / "out"
+    assert lt.main(["--stack", "dev", "--state-dir", str(tmp_path), "--out", str(out)]) == 2
+    assert "entering it (`ip netns exec`) needs root and iproute2's `ip`" in capsys.readouterr().err
+    assert not out.exists()  # nothing started
+    assert not (tmp_path / "worker-spec.json").exists()  # no key left on disk
+
+
+@pytest.mark.parametrize("text", ["[]", "{not json", ""])
+def test_an_unreadable_outputs_file_is_one_clean_message(
+    tmp_path: Path, text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    saved = tmp_path / "outputs.json"
+    saved.write_text(text)
+    argv = ["--stack", "prod", "--target", "cluster", "--outputs-file", str(saved)]
+    assert lt.main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"loadtest: cannot read {saved}: ")
+
+
 def test_caps_bound_every_run() -> None:
     phase = lt.PhaseSpec(
         name="load",
@@ -445,6 +467,8 @@ def test_caps_bound_every_run() -> None:
             replace(phase, **change)
     spec = lt.WorkerSpec(phases=(phase,), records_csv="r", meta_json="m")
     assert lt.WorkerSpec.from_json(spec.to_json()) == spec
+    with pytest.raises(lt.LoadtestError, match="progress interval 0 s must be > 0"):
+        replace(spec, progress_interval_s=0.0)  # the worker divides by it
     assert spec.time_limit_s == 1.0 + 30.0 + lt.WORKER_OVERHEAD_S  # duration + grace + start
 
 
@@ -479,10 +503,14 @@ def test_bench_figures_carry_the_command_that_reproduces_them() -> None:
     assert BenchOptions().command(["affinity"]) == (
         ".venv/bin/python scripts/bench.py --only affinity"
     )
-    opts = BenchOptions(rounds=2, round_s=3.0, image_size=(64, 64))
-    assert opts.command(["overhead", "streaming", "affinity", "failover"]) == (
-        ".venv/bin/python scripts/bench.py --rounds 2 --round-seconds 3 --image-size 64x64"
+    opts = BenchOptions(rounds=2, round_s=3.0, image_size=(64, 64), affinity_s=4.0)
+    command = opts.command(["overhead", "streaming", "affinity", "failover"])
+    assert command == (
+        ".venv/bin/python scripts/bench.py --rounds 2 --round-seconds 3 --image-size 64x64 "
+        "--affinity-seconds 4"
     )
+    # The printed command, parsed again, gives back the options that were measured.
+    assert bench_options(bench_parser().parse_args(command.split()[2:])) == opts
 
 
 def test_failover_counts_from_records_and_access_log() -> None:
@@ -601,36 +629,12 @@ def test_a_short_run_through_the_gateway(stand_in: StandIn, tmp_path: Path) -> N
                 }
             )
         )
-        done = subprocess.run(
-            [
-                sys.executable,
-                "scripts/loadtest.py",
-                "--stack",
-                "loopback",
-                "--target",
-                "cluster",
-                "--outputs-file",
-                str(outputs_file),
-                "--url",
-                gw.url,
-                "--users",
-                "3",
-                "--duration",
-                "3",
-                "--stream-ratio",
-                "0.5",
-                "--image-size",
-                "48x32",
-                "--progress-interval",
-                "1",
-                "--out",
-                str(out),
-            ],
-            capture_output=True,
-            text=True,
+        done = run_loadtest(
+            *("--stack", "loopback", "--target", "cluster"),
+            *("--outputs-file", str(outputs_file), "--url", gw.url),
+            *("--users", "3", "--duration", "3", "--stream-ratio", "0.5"),
+            *("--image-size", "48x32", "--progress-interval", "1", "--out", str(out)),
             timeout=90,
-            cwd=ROOT,
-            check=False,
         )
         access = [r for r in gw.log_records() if r["path"] == "/alpha/v1/chat/completions"]
     assert done.returncode == 0, done.stdout + done.stderr

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from components.network import build_subnet_cidrs
+from components.subnet_plan import build_subnet_cidrs
 from tests.harness import StackRun, run_stack
 from tests.unit.platform_checks import config_key, mock_id, stack_variant
 
@@ -18,6 +18,17 @@ STACKS = {
     "dev": ("10.20.0.0/16", ["us-east-1a", "us-east-1b"], 1),
     "staging": ("10.30.0.0/16", ["us-east-1a", "us-east-1b"], 1),
     "prod": ("10.40.0.0/16", ["us-east-1a", "us-east-1b", "us-east-1c"], 3),
+}
+# (private, public) CIDR per AZ, worked out by hand: 2 or 3 AZs cut the /16 into four /18s; the
+# first ones are private, the last is cut into /22s for the public subnets (docs/platform.md).
+SUBNET_CIDRS = {
+    "dev": [("10.20.0.0/18", "10.20.192.0/22"), ("10.20.64.0/18", "10.20.196.0/22")],
+    "staging": [("10.30.0.0/18", "10.30.192.0/22"), ("10.30.64.0/18", "10.30.196.0/22")],
+    "prod": [
+        ("10.40.0.0/18", "10.40.192.0/22"),
+        ("10.40.64.0/18", "10.40.196.0/22"),
+        ("10.40.128.0/18", "10.40.200.0/22"),
+    ],
 }
 
 
@@ -73,6 +84,12 @@ def test_a_private_and_a_public_subnet_per_zone(run: StackRun) -> None:
     assert list(subnets(run, "private")) == zones
     assert list(subnets(run, "public")) == zones
     assert len(run.of_type("aws:ec2/subnet:Subnet")) == 2 * len(zones)
+
+
+def test_subnet_cidrs_of_each_stack(run: StackRun) -> None:
+    private = [s["cidrBlock"] for s in subnets(run, "private").values()]
+    public = [s["cidrBlock"] for s in subnets(run, "public").values()]
+    assert list(zip(private, public, strict=True)) == SUBNET_CIDRS[run.stack]
 
 
 def test_subnets_carry_the_load_balancer_discovery_tags(run: StackRun) -> None:

@@ -2,10 +2,14 @@
 
 - static mode: bookworm's nginx 1.22 (`nginx -t`);
 - cluster mode (`server ... resolve`, nginx >= 1.27.3): sid's nginx in the debootstrap chroot
-  of scripts/nginx-chroot.sh, built by a session fixture when missing. Its `nginx -t` checks
-  the exact ConfigMap text at the pod's exact paths (a private mount namespace lays them over
-  the shared chroot), and a live run shows `resolve` following DNS changes, answered by a tiny
-  DNS server on loopback.
+  of scripts/nginx-chroot.sh, built by a session fixture when missing. The pod's start script
+  runs there and its `nginx` is `nginx -t`, on the exact ConfigMap text, Secret includes and
+  the resolver include the script writes, at the pod's exact paths (a private mount namespace
+  lays them over the shared chroot); a live run shows `resolve` following DNS changes,
+  answered by a tiny DNS server on loopback.
+
+Every nginx config file is written with its includes, so the includes are judged too. The
+chroot script's user mistakes are checked at the end.
 """
 
 from __future__ import annotations
@@ -27,16 +31,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from components.gateway import build_start_script
 from components.naming import VLLM_PORT
 from components.nginx_conf import (
-    API_KEYS_FILE,
     CONF_DIR,
     CONF_FILE,
-    ENGINE_AUTH_FILE,
     NGINX_RESOLVE_MIN_VERSION,
     RESOLVER_FILE,
-    UPSTREAM_KEEPALIVE_TIMEOUT_SECONDS,
-    UPSTREAM_MODES,
     Backend,
     NginxConfArgs,
     affinity_variable,
@@ -50,8 +51,6 @@ from components.nginx_conf import (
 from stacks.schema import Settings
 from stacks.settings import load_stack_file, stack_file
 from tests.unit.test_gateway_behaviour import (
-    CLIENT_KEYS,
-    ENGINE_KEY,
     NOBODY,
     bearer,
     free_port,
@@ -59,12 +58,15 @@ from tests.unit.test_gateway_behaviour import (
     scratch_dir,
     scratch_paths,
     stand_ins,
+    write_gateway_files,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
 STACKS = ["dev", "staging", "prod"]
 CHROOT_SCRIPT = ROOT / "scripts" / "nginx-chroot.sh"
 DEFAULT_CHROOT = Path("/var/cache/qwen-vl/nginx-sid")
+# `server ... resolve` is open source since nginx 1.27.3 (aws-efa-qwen-facts.md §D).
+RESOLVE_OPEN_SOURCE_SINCE = (1, 27, 3)
 
 
 @pytest.fixture(scope="module", params=STACKS)
@@ -162,15 +164,20 @@ def test_streaming_retry_and_keepalive_choices_are_in_the_text(settings: Setting
         assert line in conf
     directives = [line.strip() for line in conf.splitlines() if not line.strip().startswith("#")]
     assert not [line for line in directives if "non_idempotent" in line]
-    # Shorter than vLLM's 5 s uvicorn keep-alive (vllm-contract.md, VLLM_HTTP_TIMEOUT_KEEP_ALIVE).
-    assert f"keepalive_timeout {UPSTREAM_KEEPALIVE_TIMEOUT_SECONDS}s;" in conf
-    assert UPSTREAM_KEEPALIVE_TIMEOUT_SECONDS < 5
+    # Every upstream drops idle engine connections before vLLM's uvicorn does, after 5 s
+    # (vllm-contract.md §2.5, VLLM_HTTP_TIMEOUT_KEEP_ALIVE).
+    upstreams = re.findall(r"\n    upstream [^{]*\{\n(.*?)\n    \}", conf, re.S)
+    assert len(upstreams) == len(settings.serving.deployments)
+    for block in upstreams:
+        timeouts = re.findall(r"^ *keepalive_timeout (\d+)s;$", block, re.M)
+        assert len(timeouts) == 1, block
+        assert int(timeouts[0]) < 5
 
 
 def test_the_config_holds_no_secret_and_logs_no_header(settings: Settings) -> None:
     conf = cluster_conf(settings)
-    assert f"include /etc/nginx/gateway-secrets/{API_KEYS_FILE};" in conf
-    assert f"include /etc/nginx/gateway-secrets/{ENGINE_AUTH_FILE};" in conf
+    assert "include /etc/nginx/gateway-secrets/api-keys.map;" in conf
+    assert "include /etc/nginx/gateway-secrets/engine-auth.conf;" in conf
     assert "Bearer " not in conf.replace("Bearer <your gateway key>", "")
     log_format = conf.split("log_format")[1].split(";")[0]
     assert "$http_authorization" not in log_format
@@ -203,7 +210,6 @@ def test_cluster_and_static_differ_only_by_the_substitution_table(settings: Sett
     servers = [line for line in removed if line != resolver_line]
     assert len(servers) == len(settings.serving.deployments)
     assert [line.replace(" resolve ", " ") for line in servers] == added
-    assert set(UPSTREAM_MODES) == {"cluster", "static"}
 
 
 def test_unsafe_input_is_refused() -> None:
@@ -261,32 +267,37 @@ def test_resolver_conf() -> None:
     assert render_resolver_conf("127.0.0.1", 5353) == "resolver 127.0.0.1:5353 valid=5s ipv6=off;\n"
 
 
-def test_chroot_script_asks_for_the_same_minimum_version() -> None:
+def test_the_minimum_nginx_version_is_the_one_resolve_needs() -> None:
     found = re.search(r"^MIN_VERSION=(\d+)\.(\d+)\.(\d+)$", CHROOT_SCRIPT.read_text(), re.M)
     assert found
-    assert tuple(int(p) for p in found.groups()) == NGINX_RESOLVE_MIN_VERSION
+    assert tuple(int(p) for p in found.groups()) == RESOLVE_OPEN_SOURCE_SINCE
+    assert NGINX_RESOLVE_MIN_VERSION == RESOLVE_OPEN_SOURCE_SINCE  # what the settings rules ask
 
 
 def test_stack_images_have_resolve(settings: Settings) -> None:
     tag = settings.gateway.image.split("@")[0].rsplit(":", 1)[1]
-    assert tuple(int(p) for p in tag.split(".")) >= NGINX_RESOLVE_MIN_VERSION
+    assert tuple(int(p) for p in tag.split(".")) >= RESOLVE_OPEN_SOURCE_SINCE
 
 
 # ----------------------------------------------------------------- nginx 1.22: static mode
 
 
+def host_nginx_t(args: NginxConfArgs, directory: Path) -> subprocess.CompletedProcess[str]:
+    """The machine's `nginx -t` on `args`, both Secret includes written where it includes them."""
+    conf = write_gateway_files(Path("/"), args)
+    return subprocess.run(
+        ["nginx", "-t", "-c", str(conf), "-p", f"{directory}/"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (make debs)")
 def test_static_variant_passes_nginx_t_on_bookworm_nginx(settings: Settings) -> None:
     with scratch_dir() as directory:
-        args = static_args(settings, str(directory))
-        conf = write_includes(Path("/"), args)
-        result = subprocess.run(
-            ["nginx", "-t", "-c", str(conf), "-p", f"{directory}/"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        result = host_nginx_t(static_args(settings, str(directory)), directory)
     assert nginx_version(["nginx"])[:2] == (1, 22)
     assert result.returncode == 0, result.stderr
     assert "test is successful" in result.stderr
@@ -297,33 +308,11 @@ def test_cluster_variant_needs_more_than_bookworm_nginx(settings: Settings) -> N
     # Why the chroot exists: 1.22 refuses `resolve` (toolchain.md §7).
     with scratch_dir() as directory:
         args = replace(static_args(settings, str(directory)), mode="cluster")
-        conf = write_includes(Path("/"), args)
-        result = subprocess.run(
-            ["nginx", "-t", "-c", str(conf), "-p", f"{directory}/"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        (directory / "run").mkdir()
+        (directory / "run" / RESOLVER_FILE).write_text(render_resolver_conf("127.0.0.1"))
+        result = host_nginx_t(args, directory)
     assert result.returncode == 1
     assert 'invalid parameter "resolve"' in result.stderr
-
-
-def write_includes(
-    root: Path, args: NginxConfArgs, nameserver: str = "127.0.0.1", port: int | None = None
-) -> Path:
-    """nginx.conf plus every include it names, under `root`; returns the conf's host path."""
-    p = args.paths
-    secrets = root / p.secrets_dir.lstrip("/")
-    runtime = root / p.runtime_dir.lstrip("/")
-    for directory in (secrets, runtime):
-        directory.mkdir(parents=True, exist_ok=True)
-    (secrets / API_KEYS_FILE).write_text(render_api_keys_map(CLIENT_KEYS))
-    (secrets / ENGINE_AUTH_FILE).write_text(render_engine_auth(ENGINE_KEY))
-    (runtime / RESOLVER_FILE).write_text(render_resolver_conf(nameserver, port))
-    conf = runtime / CONF_FILE
-    conf.write_text(render_nginx_conf(args))
-    return conf
 
 
 # ----------------------------------------------------------------- nginx >= 1.27.3: cluster mode
@@ -353,30 +342,53 @@ def sid_chroot() -> Path:
 
 
 def test_chroot_nginx_has_resolve(sid_chroot: Path) -> None:
-    assert nginx_version(["chroot", str(sid_chroot), "nginx"]) >= NGINX_RESOLVE_MIN_VERSION
+    assert nginx_version(["chroot", str(sid_chroot), "nginx"]) >= RESOLVE_OPEN_SOURCE_SINCE
 
 
-# Lays tmpfs over the chroot's /etc/nginx and /run in a private mount namespace (the shared
-# chroot stays untouched), copies the pod's files in, and runs nginx -t with no network.
-_POD_PATHS_CHECK = r"""
+# In a private mount namespace with no network (the shared chroot stays untouched): tmpfs over
+# the chroot's /etc/nginx and /run, the pod's resolv.conf over the chroot's, the pod's files
+# copied in; then the pod's start script, with a PATH whose `nginx` checks instead of serving.
+_POD_START_CHECK = r"""
 set -eu
 mount -t tmpfs tmpfs "$1/etc/nginx"
 mount -t tmpfs tmpfs "$1/run"
 mount -t proc proc "$1/proc"
+mount --bind "$3" "$1/etc/resolv.conf"
 cp -R "$2/." "$1/"
-exec chroot "$1" nginx -t -c "$3"
+exec chroot "$1" env PATH=/run/test-bin:/usr/sbin:/usr/bin:/bin sh -c "$4"
 """
+# The `nginx` the start script execs here: shows the resolver include it was given, then
+# runs the real nginx with the script's arguments plus -t.
+_NGINX_T_SHIM = '#!/bin/sh\ncat /run/gateway/resolver.conf >&2\nexec /usr/sbin/nginx -t "$@"\n'
 
 
-def test_cluster_variant_passes_nginx_t_at_the_pods_paths(
-    sid_chroot: Path, settings: Settings
+@pytest.mark.parametrize(
+    ("nameserver", "resolver_line"),
+    [
+        ("172.20.0.10", "resolver 172.20.0.10 valid=5s ipv6=off;"),
+        ("fd00:10:100::a", "resolver [fd00:10:100::a] valid=5s ipv6=off;"),  # an IPv6 cluster
+    ],
+)
+def test_the_pods_start_script_and_config_pass_nginx_t_at_the_pods_paths(
+    sid_chroot: Path, settings: Settings, nameserver: str, resolver_line: str
 ) -> None:
+    """The exact ConfigMap text, both Secret includes and the resolver include that the pod's
+    own start script writes from its resolv.conf, checked by nginx >= 1.27.3."""
+    args = build_nginx_conf_args(settings)
     with scratch_dir() as staging:
-        args = build_nginx_conf_args(settings)  # exactly what the ConfigMap holds
-        conf = staging / CONF_DIR.lstrip("/") / CONF_FILE
+        root = staging / "root"
+        conf = root / CONF_DIR.lstrip("/") / CONF_FILE
         conf.parent.mkdir(parents=True)
-        write_includes(staging, args, nameserver="172.20.0.10")
-        (staging / args.paths.runtime_dir.lstrip("/") / CONF_FILE).replace(conf)
+        write_gateway_files(root, args).replace(conf)
+        shim = root / "run" / "test-bin" / "nginx"
+        shim.parent.mkdir()
+        shim.write_text(_NGINX_T_SHIM)
+        shim.chmod(0o755)
+        resolv = staging / "resolv.conf"
+        resolv.write_text(
+            "search qwen-vl.svc.cluster.local svc.cluster.local cluster.local\n"
+            f"nameserver {nameserver}\noptions ndots:5\n"
+        )
         result = subprocess.run(
             [
                 "unshare",
@@ -386,11 +398,12 @@ def test_cluster_variant_passes_nginx_t_at_the_pods_paths(
                 "private",
                 "sh",
                 "-c",
-                _POD_PATHS_CHECK,
+                _POD_START_CHECK,
                 "sh",
                 str(sid_chroot),
-                str(staging),
-                f"{CONF_DIR}/{CONF_FILE}",
+                str(root),
+                str(resolv),
+                build_start_script(args),
             ],
             capture_output=True,
             text=True,
@@ -398,9 +411,8 @@ def test_cluster_variant_passes_nginx_t_at_the_pods_paths(
             check=False,
         )
     assert result.returncode == 0, result.stderr
-    assert f"{CONF_DIR}/{CONF_FILE} test is successful" in result.stderr
-    assert conf.name == CONF_FILE
-    assert conf.parent.name == "gateway"
+    assert result.stderr.splitlines()[0] == resolver_line
+    assert "file /etc/nginx/gateway/nginx.conf test is successful" in result.stderr
 
 
 class TinyDns:
@@ -527,3 +539,76 @@ def _eventually(check: Callable[[], bool], seconds: float = 20) -> bool:
             return True
         time.sleep(0.25)
     return False
+
+
+# ----------------------------------------------------------------- scripts/nginx-chroot.sh mistakes
+
+
+def chroot_script(
+    chroot: Path, *argv: str, prefix: tuple[str, ...] = (), **env: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*prefix, "bash", str(CHROOT_SCRIPT), *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "NGINX_CHROOT": str(chroot), **env},
+    )
+
+
+def error_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
+    assert result.returncode == 1, result.stderr
+    assert "line " not in result.stderr  # no bash error with a line number, only the script's
+    return [line for line in result.stderr.splitlines() if line.startswith("nginx-chroot: ")]
+
+
+def test_chroot_script_refuses_an_unknown_argument(tmp_path: Path) -> None:
+    result = chroot_script(tmp_path / "chroot", "--force")
+    assert error_lines(result) == ["nginx-chroot: error: unknown argument: --force"]
+    assert "Usage: nginx-chroot.sh [--help]" in result.stderr
+    assert not (tmp_path / "chroot").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the script as root and as nobody")
+def test_chroot_script_names_each_missing_prerequisite(tmp_path: Path) -> None:
+    chroot = tmp_path / "chroot"
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "data").write_text("not a chroot\n")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    drop = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
+    cases = {
+        "not root": (chroot_script(chroot, prefix=drop), "needs root (debootstrap and chroot)"),
+        "no debootstrap": (
+            chroot_script(chroot, PATH="/usr/bin:/bin"),
+            "debootstrap is not installed; run 'make debs'",
+        ),
+        "a foreign directory": (
+            chroot_script(foreign),
+            f"{foreign} exists, is not empty and was not built by this script",
+        ),
+        "a file": (chroot_script(a_file), f"{a_file} exists and is not a directory"),
+    }
+    for case, (result, message) in cases.items():
+        lines = error_lines(result)
+        assert len(lines) == 1, (case, result.stderr)
+        assert lines[0].startswith(f"nginx-chroot: error: {message}"), (case, lines)
+    assert (foreign / "data").read_text() == "not a chroot\n"  # left alone
+    assert not chroot.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="debootstrap needs root")
+@pytest.mark.skipif(shutil.which("debootstrap") is None, reason="debootstrap is not installed")
+def test_chroot_script_reports_an_unreachable_mirror_and_cleans_up(tmp_path: Path) -> None:
+    chroot = tmp_path / "chroot"
+    # A loopback port nobody listens on: the connection is refused at once.
+    mirror = f"http://127.0.0.1:{free_port()}/debian"
+    result = chroot_script(chroot, NGINX_CHROOT_MIRROR=mirror)
+    assert error_lines(result)[-1] == (
+        "nginx-chroot: error: debootstrap failed (exit 1); see its output above"
+    )
+    assert "E: Failed getting release file" in result.stdout
+    assert not chroot.exists()
+    assert not (tmp_path / "chroot.partial").exists()

@@ -7,11 +7,43 @@ from tests.harness import run_stack
 STACKS = ["dev", "staging", "prod"]
 
 
+# Outputs other tools read: scripts/loadtest.py (gateway_url, gateway_api_keys, engines),
+# scripts/verify.py (kubeconfig), docs/data.md (the redis_* connection details).
+CONSUMED_OUTPUTS = {
+    "gateway_url",
+    "gateway_api_keys",
+    "engines",
+    "kubeconfig",
+    "redis_host",
+    "redis_port",
+    "redis_username",
+    "redis_password",
+    "redis_key_scheme",
+}
+
+
 @pytest.mark.parametrize("stack", STACKS)
-def test_program_exports_the_stack_identity(stack: str) -> None:
+def test_program_exports_what_the_tools_read(stack: str) -> None:
     run = run_stack(stack)
+    assert set(run.outputs) >= CONSUMED_OUTPUTS
     assert run.outputs["stack"] == stack
-    assert run.outputs["environment"] == stack
+    engines = run.outputs["engines"]
+    expected = {
+        "dev": {"qwen3-vl-2b"},
+        "staging": {"qwen3-vl-2b", "qwen3-vl-32b"},
+        "prod": {"qwen3-vl-2b", "qwen3-vl-235b"},
+    }[stack]
+    assert set(engines) == expected
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_every_child_is_parented_and_named_after_its_component(stack: str) -> None:
+    run = run_stack(stack)
+    components = {r.urn: r.name for r in run.resources if not r.custom and r.urn}
+    for r in run.resources:
+        parent = components.get(r.parent)
+        if parent is not None:
+            assert r.name.startswith(parent), f"{r.type} {r.name} under component {parent}"
 
 
 def test_config_mistake_under_the_engine_is_one_clean_message(tmp_path) -> None:

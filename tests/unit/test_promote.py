@@ -223,3 +223,34 @@ def test_refuses_when_the_planner_rejects_the_result(
     err = capsys.readouterr().err
     assert "Pulumi.staging.yaml would be invalid after the promotion" in err
     assert "serving.deployments[0].maxModelLen=32768: one 32768-token sequence needs" in err
+
+
+def test_an_unknown_stack_is_one_clean_message(
+    repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert promote(repo, "dev", "prd") == 1
+    assert capsys.readouterr().err == (
+        f"promote: {repo}/Pulumi.prd.yaml: no such stack file (stacks there: dev, prod, staging)\n"
+    )
+
+
+def test_an_invalid_source_is_refused_with_the_settings_problems(
+    repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    edit(repo, "dev", "    replicas: 1\n", "    replicas: one\n")
+    before = (repo / "Pulumi.staging.yaml").read_bytes()
+    assert promote(repo, "dev", "staging") == 1
+    assert (repo / "Pulumi.staging.yaml").read_bytes() == before
+    err = capsys.readouterr().err
+    assert "refusing: the source stack is invalid" in err
+    assert "gateway.replicas=one: must be an integer" in err
+    assert "Traceback" not in err
+
+
+def test_a_stack_file_that_is_not_yaml_is_one_clean_message(
+    repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (repo / "Pulumi.staging.yaml").write_text("config: [unclosed\n")
+    assert promote(repo, "dev", "staging", "--check") == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"promote: {repo}/Pulumi.staging.yaml: not valid YAML:")

@@ -1,4 +1,6 @@
-"""The rendered redis.conf, judged by the real redis-server on loopback; the LMCache env.
+"""The rendered redis.conf, judged by the real redis-server on loopback, with the pod's readiness
+probe (real redis-cli) and exporter sidecar (Debian's redis_exporter) run against it; the
+LMCache env.
 
 Each server is a foreground child (`daemonize no`) on 127.0.0.1 and a free port, with its
 `dir` under pytest's tmp_path, and is always stopped and waited for (PID 1 here reaps no
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -25,6 +28,7 @@ import kubernetes_validate
 import pytest
 
 from components.naming import REDIS_PORT, REDIS_SECRET
+from components.redis import RedisArgs, build_pod_spec
 from components.redis_conf import (
     LMCACHE_KV_TRANSFER_CONFIG,
     LMCACHE_PASSWORD_ENV,
@@ -38,6 +42,8 @@ from components.redis_conf import (
     session_key,
     vision_key,
 )
+from tests.local import free_port
+from tests.metric_names import process, scrape
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None, reason="redis-server is not installed (make debs)"
@@ -92,12 +98,6 @@ class Client:
         self.sock.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def conf_for(workdir: Path, **overrides: Any) -> RedisConf:
     base = RedisConf(
         app_password=APP,
@@ -132,6 +132,12 @@ def redis_server(conf: RedisConf, workdir: Path, stop: int = signal.SIGTERM) -> 
             except OSError:
                 assert time.monotonic() < deadline, "redis-server did not listen within 10 s"
                 time.sleep(0.02)
+        # Redis listens while it replays the AOF and answers LOADING to data commands until done.
+        admin = Client(conf.port, "admin", conf.admin_password)
+        while info(admin, "persistence")["loading"] != "0":
+            assert time.monotonic() < deadline, "redis-server did not load its AOF within 10 s"
+            time.sleep(0.02)
+        admin.close()
         yield conf.port
     finally:
         if proc.poll() is None:
@@ -266,6 +272,78 @@ def test_the_server_runs_with_the_rendered_settings(server: int) -> None:
     assert set(users) == {"default", "app", "exporter", "admin"}
     assert " off " in users["default"]
     assert "nopass" not in users["default"]
+    admin.close()
+
+
+def pod_containers() -> dict[str, Any]:
+    """The Redis pod's containers as components/redis.py builds them."""
+    args = RedisArgs(
+        namespace="qwen-vl",
+        image="redis:7.4.2",
+        exporter_image="oliver006/redis_exporter:v1.67.0",
+        maxmemory_mib=MAXMEMORY_MIB,
+        maxmemory_policy="allkeys-lfu",
+        appendfsync="everysec",
+        volume_gib=1,
+        app_password=APP,
+        exporter_password=EXPORTER,
+        admin_password=ADMIN,
+        webui_clients=False,
+        engine_clients=(),
+        protect=False,
+    )
+    spec: dict[str, Any] = dict(build_pod_spec(args))
+    return {c["name"]: c for c in spec["containers"]}
+
+
+def test_the_readiness_probe_needs_the_exporter_password_and_a_pong(server: int) -> None:
+    """The probe's own shell command (its port moved to this server), with REDISCLI_AUTH set as
+    the pod's env sets it from the Secret."""
+    shell, flag, script = pod_containers()["redis"]["readiness_probe"]["exec_"]["command"]
+    script = script.replace(f"-p {REDIS_PORT} ", f"-p {server} ")
+    assert f"-p {server} " in script
+
+    def probe(command: str, password: str | None) -> subprocess.CompletedProcess[str]:
+        env = {"PATH": os.environ["PATH"]} | ({"REDISCLI_AUTH": password} if password else {})
+        return subprocess.run(
+            [shell, flag, command], env=env, check=False, capture_output=True, text=True, timeout=10
+        )
+
+    assert probe(script, EXPORTER).returncode == 0
+    assert probe(script, "not-the-password").returncode != 0
+    assert probe(script, None).returncode != 0
+    # why the probe compares the reply: redis-cli alone exits 0 on a refused AUTH
+    bare = probe(f"redis-cli -p {server} --user exporter --no-auth-warning ping", "wrong")
+    assert bare.returncode == 0
+    assert "NOAUTH" in bare.stdout
+
+
+def test_the_real_exporter_scrapes_as_the_exporter_user(server: int, tmp_path: Path) -> None:
+    """Debian's redis_exporter (1.45; the pod runs 1.67), configured by the sidecar's own
+    environment, logs in as `exporter`, exports the server's metrics, and no command it runs is
+    refused (Redis's ACL LOG records every refusal)."""
+    listen = free_port()
+    env = {e["name"]: e.get("value", "") for e in pod_containers()["exporter"]["env"]}
+    env |= {
+        "PATH": os.environ["PATH"],
+        "REDIS_PASSWORD": EXPORTER,  # the Secret's entry, in the pod
+        "REDIS_ADDR": env["REDIS_ADDR"].replace(f":{REDIS_PORT}", f":{server}"),
+        "REDIS_EXPORTER_WEB_LISTEN_ADDRESS": f"127.0.0.1:{listen}",
+    }
+    assert env["REDIS_USER"] == "exporter"
+    admin = Client(server, "admin", ADMIN)
+    assert admin.call("ACL", "LOG", "RESET") == "OK"  # earlier tests were refused on purpose
+    with process(["prometheus-redis-exporter"], tmp_path / "exporter.log", env=env):
+        text = scrape(listen)
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert samples["redis_up"] == 1
+    assert samples['redis_exporter_last_scrape_error{err=""}'] == 0
+    assert samples["redis_memory_max_bytes"] == 8 * 1024 * 1024
+    assert admin.call("ACL", "LOG") == []
     admin.close()
 
 

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from components.nginx_conf import build_nginx_conf_args, render_nginx_conf
-from components.redis_conf import render_redis_conf
+from components.redis_conf import RedisConf, render_redis_conf
 from components.time_sync import render_chrony_conf
 from components.vllm_command import WORKER, build_vllm_command
 from components.vllm_pods import build_pod_template
@@ -78,6 +81,84 @@ def test_rehearse_prints_the_same_table() -> None:
         check=True,
     )
     assert result.stdout == P.substitution_table()
+
+
+# --------------------------------------------------------------------------- user mistakes
+
+
+def rehearse(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "rehearse.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+
+
+def test_an_unknown_stack_is_one_message(tmp_path: Path) -> None:
+    result = rehearse("--stack", "nosuch", "--state-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"rehearse: {ROOT}/Pulumi.nosuch.yaml: 1 configuration problem(s):\n"
+        "  - file: no such stack file\n"
+    )
+
+
+def test_an_invalid_stack_file_names_the_setting(tmp_path: Path) -> None:
+    bad = tmp_path / "Pulumi.bad.yaml"
+    bad.write_text("config:\n  qwen-vl-serving:region: 12\n")
+    result = rehearse("--stack", str(bad), "--state-dir", str(tmp_path / "state"))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"rehearse: {bad}: ")
+    assert "  - serving: required" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_down_with_nothing_to_do(tmp_path: Path) -> None:
+    result = rehearse("down", "--state-dir", str(tmp_path / "none"))
+    if os.geteuid() == 0:
+        assert (result.returncode, result.stdout) == (
+            0,
+            f"nothing to tear down in {tmp_path}/none\n",
+        )
+    else:
+        assert result.returncode == 1
+        assert (
+            result.stderr
+            == "rehearse: the rehearsal needs root (network namespaces, ip netns exec)\n"
+        )
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="drops root")
+@pytest.mark.parametrize("command", ["status", "down"])
+def test_status_and_down_as_another_user_say_root_is_needed(command: str) -> None:
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    result = subprocess.run(
+        [*nobody, sys.executable, str(ROOT / "scripts" / "rehearse.py"), command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert (
+        result.stderr == "rehearse: the rehearsal needs root (network namespaces, ip netns exec)\n"
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="up checks for root before it looks for `ip`")
+def test_up_without_ip_on_path_is_one_message(tmp_path: Path) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    with tempfile.TemporaryDirectory(prefix="qvr-noip-") as parent:
+        Path(parent).chmod(0o755)  # nginx's user must reach the state dir (pytest's is 0700)
+        state = Path(parent) / "state"
+        result = rehearse("--stack", "dev", "--state-dir", str(state), env={"PATH": str(empty)})
+        assert not state.exists()
+    assert result.returncode == 1
+    assert result.stderr == "rehearse: `ip` is not on PATH: install iproute2 (`make debs`)\n"
 
 
 # --------------------------------------------------------------------------- gateway
@@ -195,6 +276,15 @@ def test_engine_env_is_the_pods_env_with_the_documented_values() -> None:
     assert extra == {"LWS_LEADER_ADDRESS", "LWS_GROUP_SIZE", "PATH", "LANG"}
 
 
+def test_an_env_secret_the_rehearsal_does_not_generate_is_named() -> None:
+    settings = settings_of("staging")
+    # kvOffloadRedis gives every rank the Redis app password from the redis-auth Secret.
+    d = replace(settings.deployment("qwen3-vl-2b"), kv_offload_redis=True)
+    message = "pod qwen3-vl-2b-0: env LMCACHE_REDIS_PASSWORD needs Secret redis-auth key 'password'"
+    with pytest.raises(P.PlanError, match=re.escape(message)):
+        P.pod_env(settings, P.EnginePod(d, 0, 0), "10.231.0.5", P.generate_secrets(settings))
+
+
 def test_a_corruption_replaces_one_flag_of_one_pod() -> None:
     hook = P.Corruption.parse("qwen3-vl-32b-0-1:--master-port=29999")
     plan, _, _ = plan_of("staging", corruptions=(hook,))
@@ -224,7 +314,18 @@ def test_bad_corruptions_are_refused(hook: str, message: str) -> None:
 def test_redis_conf_differs_only_in_its_data_directory() -> None:
     plan, secrets, settings = plan_of("staging")
     rehearsal = file_text(plan, P.redis_dir(LAYOUT) / "redis.conf")
-    cluster = render_redis_conf(P.redis_conf(settings, secrets, "/data"))
+    r = settings.redis
+    # What components/redis.py renders into the cluster's Secret (its default data dir).
+    cluster = render_redis_conf(
+        RedisConf(
+            app_password=secrets.redis_app_password,
+            exporter_password=secrets.redis_exporter_password,
+            admin_password=secrets.redis_admin_password,
+            maxmemory_mib=r.maxmemory_mib,
+            maxmemory_policy=r.maxmemory_policy,
+            appendfsync=r.appendfsync,
+        )
+    )
     assert changed_lines(cluster, rehearsal) == [
         "-dir /data",
         f"+dir {STATE}/hosts/services/redis/data",

@@ -16,7 +16,7 @@ import pytest
 from pulumi_policy.deserialize import deserialize_properties
 
 from components.naming import NAME_LABEL, REDIS_NAME
-from tests.harness import Resource, StackRun, run_stack
+from tests.harness import ROOT, Resource, StackRun, run_stack
 
 STACKS = ["dev", "staging", "prod"]
 CLUSTER = "aws:eks/cluster:Cluster"
@@ -35,6 +35,17 @@ KEEP_ANNOTATION = {"helm.sh/resource-policy": "keep"}
 @pytest.fixture(scope="module")
 def runs() -> dict[str, StackRun]:
     return {stack: run_stack(stack) for stack in STACKS}
+
+
+@pytest.fixture(scope="module")
+def prod_with_webui(tmp_path_factory: pytest.TempPathFactory) -> StackRun:
+    """prod with its web UI on: prod as committed creates no PersistentVolumeClaim itself."""
+    text = (ROOT / "Pulumi.prod.yaml").read_text()
+    webui_off = "    enabled: false\n    image: ghcr.io/open-webui/"
+    assert webui_off in text
+    path = tmp_path_factory.mktemp("prod") / "Pulumi.prod.yaml"
+    path.write_text(text.replace(webui_off, "    image: ghcr.io/open-webui/"))
+    return run_stack("prod", path)
 
 
 def props(r: Resource) -> Mapping[str, Any]:
@@ -144,9 +155,11 @@ def test_prod_grafana_volume_is_protected_and_retained(runs: dict[str, StackRun]
     assert storage_class(run, persistence["storageClassName"])["reclaimPolicy"] == "Retain"
 
 
-def test_prod_claims_and_storage_classes_are_protected(runs: dict[str, StackRun]) -> None:
-    run = runs["prod"]
-    for claim in run.of_type(PVC):
+def test_prod_claims_and_storage_classes_are_protected(prod_with_webui: StackRun) -> None:
+    run = prod_with_webui
+    claims = run.of_type(PVC)
+    assert claims, "the web UI keeps its data on a claim of its own"
+    for claim in claims:
         assert (claim.protect, claim.retain_on_delete) == (True, True), claim.name
         assert (
             storage_class(run, props(claim)["spec"]["storageClassName"])["reclaimPolicy"]
@@ -162,6 +175,7 @@ def test_non_prod_stacks_destroy_cleanly(runs: dict[str, StackRun], stack: str) 
     """Nothing protected (destroy.yml can run) and no volume left behind to pay for."""
     run = runs[stack]
     assert [r.name for r in run.resources if r.protect] == []
+    assert run.of_type(STORAGE_CLASS), "Redis, monitoring and the web UI bring storage classes"
     assert {
         props(c)["metadata"]["name"]: props(c).get("reclaimPolicy", "Delete")
         for c in run.of_type(STORAGE_CLASS)

@@ -3,7 +3,6 @@ and its jobs and labels are the ones the in-cluster monitors produce."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,14 +12,9 @@ from components.alert_rules import render_alert_rules
 from components.monitoring import LeaderTarget, build_exporter_monitors, build_leader_monitor
 from components.scrape_config import ScrapeTarget, leader_labels, render_prometheus_config
 from stacks.settings import ROOT, load_stack_file
+from tests.metric_names import promtool
 
 STACKS = ["dev", "staging", "prod"]
-
-
-def promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["promtool", *map(str, args)], check=False, capture_output=True, text=True, timeout=60
-    )
 
 
 def rehearsal_targets(stack: str) -> dict[str, list[ScrapeTarget]]:

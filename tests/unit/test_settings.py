@@ -391,19 +391,17 @@ def test_there_are_at_least_thirty_distinct_mistakes() -> None:
 
 def test_every_problem_is_collected_in_one_error() -> None:
     def three_mistakes(config: Config) -> None:
-        group(config, 0)["minSize"] = 5
-        dep(config, 0)["tensorParallel"] = 3
-        config[NS + "gateway"]["replicas"] = 1
-        config[NS + "network"]["cidr"] = "not-a-cidr"
+        config[NS + "gateway"]["replicas"] = "one"
+        dep(config, 0)["maxModelLen"] = "32k"
+        config[NS + "network"]["natGateways"] = "many"
 
-    message = problems_of("dev", three_mistakes)
-    assert "3 configuration problem(s)" in message or "configuration problem(s)" in message
-    for path in (
-        "gpuNodeGroups[0].minSize=5",
-        "serving.deployments[0].tensorParallel=3",
-        "network.cidr=not-a-cidr",
-    ):
-        assert path in message
+    lines = problems_of("dev", three_mistakes).splitlines()
+    assert lines[0] == "test: 3 configuration problem(s):"
+    assert sorted(lines[1:]) == [
+        "  - gateway.replicas=one: must be an integer",
+        "  - network.natGateways=many: must be one of single, perAz",
+        "  - serving.deployments[0].maxModelLen=32k: must be an integer",
+    ]
 
 
 @pytest.mark.parametrize("stack", ["dev", "staging", "prod"])
@@ -500,3 +498,56 @@ def test_configuration_reference_lists_every_key_of_every_stack() -> None:
             is_map = f"| `{name}` | map of" in reference
             for sub in value if isinstance(value, dict) and not is_map else ():
                 assert f"| `{name}.{sub}` |" in reference, f"{name}.{sub}"
+
+
+WRONG_VALUES = [None, "", "x", -1, 0, 10**12, 0.5, True, [], ["x"], {}, {"a": 1}]
+
+
+def _leaf_paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _leaf_paths(v, (*prefix, k))] + [prefix]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in _leaf_paths(v, (*prefix, i))] + [prefix]
+    return [prefix]
+
+
+@pytest.mark.parametrize("stack", ["dev", "staging", "prod"])
+def test_no_value_at_any_key_reaches_a_traceback(stack: str) -> None:
+    # Every key of the stack file set to values of every wrong kind: each must end in a
+    # SettingsError (a message naming the key), never in another exception.
+    base = stack_config(stack)
+    crashes = []
+    for path in filter(None, _leaf_paths(base)):
+        for value in WRONG_VALUES:
+            config = copy.deepcopy(base)
+            node: Any = config
+            for key in path[:-1]:
+                node = node[key]
+            node[path[-1]] = value
+            try:
+                build("fuzz", stack, config)
+            except SettingsError:
+                pass
+            except Exception as err:  # collecting every crash is the point
+                crashes.append(f"{'.'.join(map(str, path))}={value!r}: {type(err).__name__}: {err}")
+    assert crashes == []
+
+
+def test_a_directory_as_stack_file_is_a_message_not_a_traceback(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError) as err:
+        load_stack_file(tmp_path)
+    assert "file: cannot read it: Is a directory" in str(err.value)
+
+
+def test_lmcache_pinned_memory_counts_against_the_engine_pod() -> None:
+    def offload(config: Config, *, on: bool) -> None:
+        config[NS + "serving"]["imageIncludesLmcache"] = True
+        dep(config, 0).update({"memoryGib": 8, "shmSizeGib": 2, "kvOffloadRedis": on})
+
+    # 2 x 2 GiB of /dev/shm fits in 8 GiB; adding LMCache's 5 GiB of pinned memory does not
+    config = copy.deepcopy(stack_config("dev"))
+    offload(config, on=False)
+    build("test", "dev", config)
+    message = problems_of("dev", lambda c: offload(c, on=True))
+    assert "serving.deployments[0].shmSizeGib=2:" in message
+    assert "plus LMCache's 5 GiB of pinned memory" in message

@@ -34,13 +34,11 @@ def test_phc_reference_clock_only_when_asked_for() -> None:
     assert AWS_PHC_LINE in directives(render_chrony_conf(phc=True))
 
 
-def test_rehearsal_can_point_chrony_at_its_own_server_without_internet_pool() -> None:
-    conf = render_chrony_conf(
-        phc=False, server="10.200.0.1", fallback_pool=None, state_dir="/tmp/x"
-    )
+def test_rehearsal_can_point_chrony_at_its_own_server() -> None:
+    conf = render_chrony_conf(phc=False, server="10.200.0.1", state_dir="/tmp/x")
     lines = directives(conf)
     assert lines[0] == "server 10.200.0.1 prefer iburst minpoll 4 maxpoll 4"
-    assert not any(line.startswith("pool ") for line in lines)
+    assert lines[1] == AWS_POOL_LINE
     assert "169.254.169.123" not in conf
     assert "driftfile /tmp/x/drift" in lines
 
@@ -66,7 +64,7 @@ def test_phc_follows_the_families_and_regions_aws_lists(kind: str, region: str, 
         pytest.param(render_chrony_conf(phc=False), id="ntp-only"),
         pytest.param(render_chrony_conf(phc=True), id="with-phc"),
         pytest.param(
-            render_chrony_conf(phc=False, server="10.200.0.1", fallback_pool=None), id="rehearsal"
+            render_chrony_conf(phc=False, server="10.200.0.1", state_dir="/tmp/x"), id="rehearsal"
         ),
     ],
 )

@@ -58,7 +58,7 @@ def test_record_round_trips_through_its_json_file(tmp_path: Path) -> None:
     path = write_record(record, tmp_path / ".verify")
     assert path == tmp_path / ".verify" / "dev.json"
     on_disk = json.loads(path.read_text())
-    assert on_disk["config_hash"] == config_hash(stack)
+    assert on_disk["config_hash"] == hashlib.sha256(b'{"a":1}').hexdigest()
     assert on_disk["time"].endswith("+00:00")  # UTC
     assert read_record("dev", tmp_path / ".verify") == record
 
@@ -99,3 +99,8 @@ def test_a_corrupt_record_is_a_clear_error(tmp_path: Path) -> None:
     write(tmp_path / "dev.json", '{"stack": "dev"}')
     with pytest.raises(RecordError, match="not a verification record"):
         read_record("dev", tmp_path)
+
+
+def test_a_directory_for_a_stack_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(RecordError, match=r": Is a directory$"):
+        config_hash(tmp_path)

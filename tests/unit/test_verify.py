@@ -173,6 +173,22 @@ def test_a_rehearsal_of_an_older_stack_file_is_refused(tmp_path: Path) -> None:
     assert "Pulumi.dev.yaml changed since the rehearsal started: restart it" in result.stderr
 
 
+def test_an_unreadable_inventory_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "inventory.json").mkdir()  # unreadable even for root
+    result = run_verify("--stack", "dev", "--state-dir", str(tmp_path), "--no-record")
+    assert result.returncode == 2
+    assert result.stderr == f"verify: {tmp_path}/inventory.json: cannot read it: Is a directory\n"
+
+
+def test_an_unknown_stack_is_a_usage_error() -> None:
+    result = run_verify("--stack", "nosuch", "--no-record")
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"verify: {ROOT}/Pulumi.nosuch.yaml: 1 configuration problem(s):\n"
+        "  - file: no such stack file\n"
+    )
+
+
 def test_kubectl_target_needs_kubectl(tmp_path: Path) -> None:
     env = dict(os.environ, PATH=str(tmp_path))  # nothing on PATH
     result = run_verify("--stack", "dev", "--target", "kubectl", "--no-record", env=env)

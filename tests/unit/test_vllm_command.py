@@ -6,7 +6,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -34,7 +33,8 @@ from stacks.rules import plan_for
 from stacks.schema import Settings, WeightsSettings
 from stacks.settings import ROOT, load_stack_file
 
-REFERENCE_TSV = Path("/work/shared/reference/vllm-serve-options.tsv")
+# shared/ sits beside the repository, here (/work) and in CI's clone alike
+REFERENCE_TSV = ROOT.parent / "shared" / "reference" / "vllm-serve-options.tsv"
 WORKER_INDEX_FIELD = f"metadata.labels['{LWS_WORKER_INDEX_LABEL}']"
 
 
@@ -112,7 +112,10 @@ def _every_command() -> list[list[str]]:
         for d in settings_of(stack).serving.deployments:
             commands.append(build_vllm_command(d, LEADER))
             variant = dataclasses.replace(
-                d, weights=WeightsSettings(s3_uri="s3://weights/qwen"), expert_parallel=True
+                d,
+                weights=WeightsSettings(s3_uri="s3://weights/qwen"),
+                expert_parallel=True,
+                kv_offload_redis=True,
             )
             commands.append(build_vllm_command(variant, LEADER))
             if d.nodes_per_group > 1:
@@ -122,7 +125,13 @@ def _every_command() -> list[list[str]]:
 
 def test_every_flag_the_builder_can_emit_is_a_real_vllm_033_flag() -> None:
     emitted = {token for argv in _every_command() for token in argv if token.startswith("-")}
-    assert {"--headless", "--load-format", "--enable-expert-parallel", "--nnodes"} <= emitted
+    assert {
+        "--headless",
+        "--load-format",
+        "--enable-expert-parallel",
+        "--nnodes",
+        "--kv-transfer-config",
+    } <= emitted
     unknown = emitted - known_vllm_flags()
     assert not unknown, f"not in {FLAG_TABLE_FILE.name}: {sorted(unknown)}"
 
@@ -278,6 +287,7 @@ def test_extra_args_removed_flag_names_its_replacement() -> None:
         ("--limit-mm-per-prompt.video", "limitMmPerPrompt"),
         ("--headless", "nodesPerGroup"),
         ("--disable-expert-parallel", "expertParallel"),
+        ("--kv_transfer_config", "kvOffloadRedis"),
     ],
 )
 def test_extra_args_may_not_repeat_builder_flags(token: str, owner: str) -> None:
@@ -353,6 +363,38 @@ def test_secrets_are_referenced_never_literal() -> None:
     without = env_of(build_vllm_env(dataclasses.replace(spec, hf_token=False)))
     assert "HF_TOKEN" not in without
     assert "VLLM_API_KEY" in without
+
+
+def test_kv_offload_redis_wires_lmcache_into_every_rank() -> None:
+    spec = spec_of("staging", "qwen3-vl-32b")
+    spec = dataclasses.replace(
+        spec, deployment=dataclasses.replace(spec.deployment, kv_offload_redis=True)
+    )
+    ranks: list[tuple[Role, int]] = [(LEADER, 0), (WORKER, 1)]
+    for role, rank in ranks:
+        flags = flags_of(build_vllm_command(spec.deployment, role))
+        # the LMCache connector as vLLM names it (vllm-contract §5, production-stack in anchors)
+        assert json.loads(flags["--kv-transfer-config"] or "") == {
+            "kv_connector": "LMCacheConnectorV1",
+            "kv_role": "kv_both",
+        }
+        env = env_of(build_vllm_env(spec, role))
+        assert env["LMCACHE_REDIS_PASSWORD"]["valueFrom"] == {
+            "secretKeyRef": {"name": "redis-auth", "key": "password"}
+        }
+        # what the kubelet hands LMCache once the Secret's value is in the env
+        resolved = resolve_env(
+            build_vllm_env(spec, role),
+            {"LWS_LEADER_ADDRESS": "qwen3-vl-32b-0.qwen3-vl-32b.qwen-vl"},
+            {"status.podIP": "10.0.1.10", WORKER_INDEX_FIELD: str(rank)},
+            secrets={("redis-auth", "password"): "Pw1"},
+        )
+        assert resolved["LMCACHE_REMOTE_URL"] == (
+            "redis://app:Pw1@redis.qwen-vl.svc.cluster.local:6379"
+        )
+    plain = spec_of("staging", "qwen3-vl-32b")
+    assert "--kv-transfer-config" not in build_vllm_command(plain.deployment)
+    assert not any(name.startswith("LMCACHE_") for name in env_of(build_vllm_env(plain)))
 
 
 def _instance(name: str) -> InstanceType:

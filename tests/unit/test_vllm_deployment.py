@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -13,7 +15,8 @@ from components.naming import LWS_WORKER_INDEX_LABEL, leader_address
 from components.vllm_command import expand_k8s_vars, resolve_env
 from stacks.settings import ROOT, load_stack_file
 from tests.harness import MOCK_SECRET, StackRun, mock_password, run_stack
-from tests.unit.test_manifests import manifest
+from tests.unit.test_manifests import SECRET_SIG_KEY, documents, manifest, validate
+from tests.unit.test_vllm_pods import container, pod_templates
 
 STACKS = ("dev", "staging", "prod")
 LWS_TYPE = "kubernetes:leaderworkerset.x-k8s.io/v1:LeaderWorkerSet"
@@ -31,18 +34,6 @@ def run(request: pytest.FixtureRequest) -> StackRun:
 
 def lws_of(run: StackRun, deployment: str) -> dict[str, Any]:
     return manifest(run.one(LWS_TYPE, f"{deployment}-lws"))
-
-
-def pod_templates(lws: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    lwt = lws["spec"]["leaderWorkerTemplate"]
-    if "leaderTemplate" in lwt:
-        return {"leader": lwt["leaderTemplate"], "worker": lwt["workerTemplate"]}
-    return {"leader": lwt["workerTemplate"]}
-
-
-def container(template: dict[str, Any]) -> dict[str, Any]:
-    [only] = template["spec"]["containers"]
-    return only
 
 
 def test_one_component_with_secret_lws_and_leader_service_per_deployment(run: StackRun) -> None:
@@ -83,10 +74,7 @@ def test_secrets_are_referenced_never_inlined(run: StackRun) -> None:
         secret = manifest(run.one(SECRET_TYPE, f"{deployment}-secret"))
         assert secret["stringData"] == {"VLLM_API_KEY": key}
         # pulumi keeps the Secret's payload a secret in state
-        assert (
-            "4dabf18193072939515e22adb298388d"
-            in run.one(SECRET_TYPE, f"{deployment}-secret").inputs["stringData"]
-        )
+        assert SECRET_SIG_KEY in run.one(SECRET_TYPE, f"{deployment}-secret").inputs["stringData"]
         for template in pod_templates(manifest(lws)).values():
             env = {v["name"]: v for v in container(template)["env"]}
             assert env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"] == {
@@ -165,12 +153,18 @@ def test_outputs_name_each_leader_service_and_model(run: StackRun) -> None:
     assert run.outputs["engines"] == expected
 
 
-def _with_hf_token(tmp_path: Path) -> Path:
+def _staging_with(tmp_path: Path, edit: Any) -> Path:
     document = yaml.safe_load((ROOT / "Pulumi.staging.yaml").read_text())
-    document["config"]["qwen-vl-serving:hfToken"] = {"secure": "v1:AAAA"}
+    edit(document["config"])
     path = tmp_path / "Pulumi.staging.yaml"
     path.write_text(yaml.safe_dump(document))
     return path
+
+
+def _with_hf_token(tmp_path: Path) -> Path:
+    return _staging_with(
+        tmp_path, lambda c: c.update({"qwen-vl-serving:hfToken": {"secure": "v1:AAAA"}})
+    )
 
 
 def test_hf_token_goes_into_the_secret_and_is_referenced(tmp_path: Path) -> None:
@@ -185,3 +179,83 @@ def test_hf_token_goes_into_the_secret_and_is_referenced(tmp_path: Path) -> None
             assert (
                 env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
             )
+
+
+def _with_kv_offload(tmp_path: Path) -> Path:
+    def edit(config: dict[str, Any]) -> None:
+        serving = config["qwen-vl-serving:serving"]
+        serving["imageIncludesLmcache"] = True
+        serving["deployments"][1]["kvOffloadRedis"] = True  # the multi-node qwen3-vl-32b
+
+    return _staging_with(tmp_path, edit)
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Kubernetes label-selector matching (matchLabels and `In` expressions)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        assert expr["operator"] == "In", expr
+        if labels.get(expr["key"]) not in expr["values"]:
+            return False
+    return True
+
+
+def test_kv_offload_redis_points_every_rank_at_the_stacks_redis(tmp_path: Path) -> None:
+    run = run_stack("staging", _with_kv_offload(tmp_path))
+    secrets = {
+        (manifest(r)["metadata"]["name"], key): value
+        for r in run.of_type(SECRET_TYPE)
+        for key, value in manifest(r)["stringData"].items()
+    }
+    redis = manifest(run.one(SERVICE_TYPE, "redis-service"))
+    [redis_policy] = [
+        manifest(r) for r in run.of_type("kubernetes:networking.k8s.io/v1:NetworkPolicy")
+    ]
+    app_password = mock_password("redis-password")
+    # the pods read Redis's client Secret, so the LeaderWorkerSet waits for the Redis component
+    redis_urn = run.one("qwen-vl-serving:data:Redis", "redis").urn
+    redis_secrets = {r.urn for r in run.of_type(SECRET_TYPE) if r.parent == redis_urn}
+    assert redis_secrets  # depends_on a component waits for its children, the Secrets among them
+    assert redis_secrets <= set(run.one(LWS_TYPE, "qwen3-vl-32b-lws").dependencies)
+    assert not redis_secrets & set(run.one(LWS_TYPE, "qwen3-vl-2b-lws").dependencies)
+    roles = pod_templates(lws_of(run, "qwen3-vl-32b"))
+    assert set(roles) == {"leader", "worker"}
+    for rank, template in enumerate(roles.values()):
+        c = container(template)
+        argv = c["command"]
+        # vllm-contract §5: LMCache is vLLM's LMCacheConnectorV1; kv_both stores and loads
+        assert json.loads(argv[argv.index("--kv-transfer-config") + 1]) == {
+            "kv_connector": "LMCacheConnectorV1",
+            "kv_role": "kv_both",
+        }
+        env = resolve_env(
+            c["env"],
+            {"LWS_LEADER_ADDRESS": leader_address("qwen3-vl-32b", "qwen-vl")},
+            {"status.podIP": "10.0.0.2", f"metadata.labels['{LWS_WORKER_INDEX_LABEL}']": str(rank)},
+            secrets,
+        )
+        url = urlsplit(env["LMCACHE_REMOTE_URL"])
+        # the Secret the run really creates, the app user redis.conf defines with that password
+        assert (url.username, url.password) == ("app", app_password)
+        conf = secrets["redis-config", "redis.conf"]
+        app_hash = "#" + hashlib.sha256(app_password.encode()).hexdigest()
+        assert f"user app on {app_hash} " in conf
+        # the Redis Service of this stack, on a port it serves
+        assert url.hostname == f"{redis['metadata']['name']}.qwen-vl.svc.cluster.local"
+        assert redis["metadata"]["namespace"] == "qwen-vl"
+        assert url.port in [p["port"] for p in redis["spec"]["ports"]]
+        # and Redis's NetworkPolicy admits this pod to that port
+        labels = template["metadata"]["labels"]
+        [clients] = [
+            rule for rule in redis_policy["spec"]["ingress"]
+            if url.port in [p["port"] for p in rule["ports"]]
+        ]  # fmt: skip
+        assert any(_selects(peer["podSelector"], labels) for peer in clients["from"])
+    # the other deployment is untouched
+    plain = container(pod_templates(lws_of(run, "qwen3-vl-2b"))["leader"])
+    assert "--kv-transfer-config" not in plain["command"]
+    assert not any(v["name"].startswith("LMCACHE_") for v in plain["env"])
+    # and everything still passes kubernetes-validate strict
+    for label, doc in documents(run):
+        validate(label, doc)

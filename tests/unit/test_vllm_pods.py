@@ -30,12 +30,16 @@ from tests.unit.test_vllm_command import spec_of
 GIB = 2**30
 
 
-def templates(spec: EngineSpec) -> dict[str, dict[str, Any]]:
+def pod_templates(lws: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Pod templates by role (a one-pod group has only the template LWS runs as its leader)."""
-    lwt = build_lws(spec)["spec"]["leaderWorkerTemplate"]
+    lwt = lws["spec"]["leaderWorkerTemplate"]
     if "leaderTemplate" in lwt:
         return {"leader": lwt["leaderTemplate"], "worker": lwt["workerTemplate"]}
     return {"leader": lwt["workerTemplate"]}
+
+
+def templates(spec: EngineSpec) -> dict[str, dict[str, Any]]:
+    return pod_templates(build_lws(spec))
 
 
 def container(template: dict[str, Any]) -> dict[str, Any]:
@@ -187,7 +191,7 @@ def test_graceful_drain_outlasts_shutdown_timeout(staging_32b: EngineSpec) -> No
     assert worker_stop >= leader_stop + shutdown
     for template in roles.values():
         grace = template["spec"]["terminationGracePeriodSeconds"]
-        assert grace > shutdown + leader_stop
+        assert grace == 75  # worker preStop (15 s + 45 s shutdown) + 15 s margin
         assert grace > worker_stop
     flags = container(roles["leader"])["command"]
     assert flags[flags.index("--shutdown-timeout") + 1] == str(shutdown)

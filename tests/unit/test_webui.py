@@ -7,13 +7,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import kubernetes_validate
 import pytest
 
 from stacks.rules import webui_warnings
 from stacks.settings import ROOT, load_stack_file
 from tests.harness import StackRun, mock_password, run_stack
-from tests.unit.test_manifests import manifest
 from tests.unit.test_redis import NS, POLICY, STS, doc, peers, problems, run_variant, stack_config
 
 DEPLOYMENT = "kubernetes:apps/v1:Deployment"
@@ -154,23 +152,6 @@ def test_prod_runs_no_web_ui_unless_enabled_and_then_keeps_its_volume(tmp_path: 
     assert doc(run, STORAGE, "webui-storage")["reclaimPolicy"] == "Retain"
     # the Deployment holds no data: replacing or deleting it loses nothing
     assert not run.one(DEPLOYMENT, "webui-deployment").protect
-
-
-@pytest.mark.parametrize("stack", ["dev", "staging"])
-def test_web_ui_objects_pass_strict_validation(stack: str) -> None:
-    run = run_stack(stack)
-    names = (
-        "webui-secret",
-        "webui-storage",
-        "webui-data",
-        "webui-deployment",
-        "webui-service",
-        "webui-nlb",
-    )
-    found = [r for r in run.kubernetes() if r.name in names]
-    assert len(found) == len(names)
-    for resource in found:
-        kubernetes_validate.validate(manifest(resource), "1.33.0", strict=True)
 
 
 def test_the_web_ui_needs_its_gateway_key() -> None:
