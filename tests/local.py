@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+from typing import Any
 
 
 def free_port() -> int:
@@ -10,3 +12,13 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def stop(proc: subprocess.Popen[Any], timeout: float = 10) -> None:
+    """Terminate a child and reap it, killing it if it ignores SIGTERM (PID 1 here reaps nothing)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.local import free_port
+from tests.local import free_port, stop
 
 DATA = Path(__file__).resolve().parent / "data"
 REFERENCE_FILES = ("vllm_metrics.txt", "dcgm_metrics.txt", "kube_state_metrics.txt")
@@ -120,12 +120,7 @@ def process(args: list[str], log: Path, env: dict[str, str] | None = None) -> It
     try:
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop(proc, timeout=5)
 
 
 def _nginx_conf(tmp: Path, port: int) -> Path:

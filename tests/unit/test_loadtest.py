@@ -38,6 +38,7 @@ from scripts.bench import (
 from scripts.bench import options as bench_options
 from scripts.bench import parser as bench_parser
 from scripts.rehearsal import netns
+from tests.local import stop
 from tests.unit.test_gateway_behaviour import (
     CLIENT_KEYS,
     ENGINE_KEY,
@@ -603,12 +604,7 @@ def stand_in() -> Iterator[StandIn]:
             time.sleep(0.05)
         yield StandIn("alpha-0", f"127.0.0.1:{port}", proc)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop(proc, timeout=10)
 
 
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (make debs)")

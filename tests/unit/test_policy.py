@@ -27,6 +27,7 @@ from pulumi.runtime.proto import analyzer_pb2_grpc
 
 from components.naming import EFA_LABEL, EFA_RESOURCE, GPU_RESOURCE
 from tests.harness import ROOT, Resource, StackRun, run_stack
+from tests.local import stop
 
 STACKS = ["dev", "staging", "prod"]
 PINNED = "vllm/vllm-openai:v0.33.0@sha256:" + "ab" * 32
@@ -101,12 +102,7 @@ def pack() -> Iterator[Pack]:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             yield Pack(analyzer_pb2_grpc.AnalyzerStub(channel))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop(proc, timeout=10)
 
 
 def check(
