@@ -27,7 +27,7 @@ VENV_STAMP := $(VENV)/.stamp-lock
 # `python3 -m uv` finds the binary pip installed, whether or not its bin dir is on PATH.
 UV := $(PYTHON3) -m uv
 # Only paths that exist: other work adds these directories over time.
-SRC := $(wildcard components stacks scripts policy tests __main__.py)
+SRC := $(wildcard components program stacks scripts policy tests __main__.py)
 
 # uv must use the machine's python3: no interpreter download is possible here anyway.
 export UV_PYTHON_DOWNLOADS := never
@@ -41,7 +41,7 @@ unexport PYRIGHT_PYTHON_FORCE_VERSION PYRIGHT_PYTHON_PYLANCE_VERSION
 COMPILE_PACKAGES := pulumi pulumi_aws pulumi_kubernetes pulumi_random pulumi_policy \
 	grpc google opentelemetry
 
-.PHONY: venv debs nginx-chroot lint typecheck unit test check docs rehearse rehearse-down loadtest \
+.PHONY: venv debs nginx-chroot lint typecheck test-unit test-program test-artifacts test-system test check docs rehearse rehearse-down loadtest \
 	bench lock clean
 
 venv: $(VENV_STAMP)
@@ -61,6 +61,10 @@ $(VENV_STAMP): $(LOCK) Makefile
 	done; \
 	echo "byte-compiling $(COMPILE_PACKAGES)"; \
 	$(PYTHON) -m compileall -q -j 2 $$dirs
+	@# What an editable install does: the venv finds this checkout's packages from any
+	@# directory, so `python -m scripts.<tool>` and the policy pack need no sys.path edits.
+	@$(PYTHON) -c 'import sysconfig, sys; print(sysconfig.get_paths()["purelib"])' \
+		| { read -r site; echo "$(CURDIR)" > "$$site/qwen_vl_serving.pth"; }
 	@touch $@
 
 debs:
@@ -95,33 +99,45 @@ lint: $(VENV_STAMP)
 	@echo "==> lint"
 	$(VENV)/bin/ruff check $(SRC)
 	$(VENV)/bin/ruff format --check $(SRC)
+	$(VENV)/bin/lint-imports --no-cache
 
 typecheck: $(VENV_STAMP)
 	@echo "==> typecheck"
 	$(VENV)/bin/pyright --pythonpath $(PYTHON)
 
-unit: $(VENV_STAMP)
-	@echo "==> unit"
+# The test layers, cheapest first (docs/ARCHITECTURE.md, "Tests"): pure functions; the program
+# under Pulumi's mocks; rendered files checked by the real programs that read them; running
+# systems (daemons in network namespaces, the rehearsal). `make test` runs them all.
+test-unit: $(VENV_STAMP)
 	$(PYTHON) -m pytest -q tests/unit
 
+test-program: $(VENV_STAMP)
+	$(PYTHON) -m pytest -q tests/program
+
+test-artifacts: venv debs nginx-chroot
+	$(PYTHON) -m pytest -q tests/artifacts
+
+test-system: venv debs
+	$(PYTHON) -m pytest -q tests/system
+
 test: venv debs nginx-chroot lint typecheck
-	@echo "==> pytest"
-	$(PYTHON) -m pytest -q
+	@echo "==> pytest (unit, program, artifacts, system)"
+	$(PYTHON) -m pytest -q tests/unit tests/program tests/artifacts tests/system
 
 check: $(VENV_STAMP)
-	$(PYTHON) -m stacks.check Pulumi.$(STACK).yaml
+	$(PYTHON) -m scripts.check Pulumi.$(STACK).yaml
 
 # Through a temp file so a failing generator never leaves a truncated CONFIG.md behind.
 docs: $(VENV_STAMP)
-	$(PYTHON) -m stacks.docs > docs/CONFIG.md.tmp || { rm -f docs/CONFIG.md.tmp; exit 1; }
+	$(PYTHON) -m scripts.config_docs > docs/CONFIG.md.tmp || { rm -f docs/CONFIG.md.tmp; exit 1; }
 	mv docs/CONFIG.md.tmp docs/CONFIG.md
 
 # The rehearsal runs the Debian packages' daemons: `debs` installs any that are missing.
 rehearse: $(VENV_STAMP) debs
-	$(PYTHON) scripts/rehearse.py --stack $(STACK)
+	$(PYTHON) -m scripts.rehearse --stack $(STACK)
 
 rehearse-down: $(VENV_STAMP)
-	$(PYTHON) scripts/rehearse.py down
+	$(PYTHON) -m scripts.rehearse down
 
 # Locust against a stack's gateway: the running rehearsal of STACK (TARGET=rehearsal), or
 # the deployed stack from `pulumi stack output` (TARGET=cluster); more options in
@@ -131,12 +147,12 @@ USERS ?= 20
 DURATION ?= 60
 LOADTEST_ARGS ?=
 loadtest: $(VENV_STAMP)
-	$(PYTHON) scripts/loadtest.py --stack $(STACK) --target $(TARGET) --users $(USERS) \
+	$(PYTHON) -m scripts.loadtest --stack $(STACK) --target $(TARGET) --users $(USERS) \
 		--duration $(DURATION) $(LOADTEST_ARGS)
 
 # The gateway's performance figures (own namespaces, needs root), into docs/BENCHMARKS.md.
 bench: $(VENV_STAMP)
-	$(PYTHON) scripts/bench.py --write docs/BENCHMARKS.md
+	$(PYTHON) -m scripts.bench --write docs/BENCHMARKS.md
 
 # Re-resolve every pin (run after editing dependencies in pyproject.toml).
 lock:

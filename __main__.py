@@ -2,7 +2,7 @@
 
 import pulumi
 
-from stacks.compose import compose
+from program.compose import compose
 from stacks.parse import SettingsError
 from stacks.rules import warnings
 from stacks.settings import load_from_engine

@@ -2,8 +2,8 @@
 
 The signal is vLLM's queue depth (`vllm:num_requests_waiting`), not CPU or GPU
 utilisation: a GPU engine is "busy" at any load, while waiting requests say that the
-groups in service cannot keep up (anchors.md §3). KEDA's Prometheus scaler reads the
-sum over the deployment's leaders; as an `AverageValue` metric the HPA divides it by the
+groups in service cannot keep up (docs/reference/peers.md#autoscaling-signal). KEDA's
+Prometheus scaler reads the sum over the deployment's leaders; as an `AverageValue` metric the HPA divides it by the
 number of groups, so a group is added when the mean backlog per group passes the
 deployment's `queueDepthTarget`. An optional second trigger does the same for the mean
 KV-cache usage. Scale-down waits `scaleDownStabilizationSeconds` (default 300 s) and
@@ -23,17 +23,17 @@ from typing import Any, Final
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.alert_rules import selector
-from components.naming import (
+from components.render.alert_rules import selector
+from components.render.scrape_config import DEPLOYMENT, JOB_VLLM
+from stacks.naming import (
     KEDA_NAMESPACE,
     TYPE_PREFIX,
     common_labels,
     lws_name,
     system_node_selector,
 )
-from components.scrape_config import DEPLOYMENT, JOB_VLLM
-from components.versions import KEDA, helm_chart
 from stacks.schema import DeploymentSettings
+from stacks.versions import KEDA, helm_chart
 
 TYPE: Final = f"{TYPE_PREFIX}:observability:Autoscaling"
 KEDA_API: Final = "keda.sh/v1alpha1"

@@ -1,7 +1,7 @@
 """Cluster add-ons as pinned Helm releases: GPU and EFA device plugins, DCGM exporter, the
 LeaderWorkerSet controller and Cluster Autoscaler (with its IRSA role).
 
-Chart versions come from components/versions.py; the values are plain data from the pure
+Chart versions come from stacks/versions.py; the values are plain data from the pure
 `build_*_values` functions below, so tests assert on exactly what Helm receives. Create the
 component with the cluster's Kubernetes provider (`providers=[provider]`): every release inherits it.
 """
@@ -18,8 +18,9 @@ import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 
 from components.eks_cluster import OidcIssuer, ServiceAccount, create_irsa_role
-from components.eks_spec import build_cluster_autoscaler_policy
-from components.naming import (
+from components.render.eks_spec import build_cluster_autoscaler_policy
+from stacks.catalog import INSTANCE_TYPES
+from stacks.naming import (
     DCGM_EXPORTER_NAME,
     DCGM_EXPORTER_NAMESPACE,
     DCGM_EXPORTER_PORT,
@@ -35,7 +36,7 @@ from components.naming import (
     gpu_node_selector,
     system_node_selector,
 )
-from components.versions import (
+from stacks.versions import (
     CLUSTER_AUTOSCALER,
     DCGM_EXPORTER,
     EFA_DEVICE_PLUGIN,
@@ -43,7 +44,6 @@ from components.versions import (
     NVIDIA_DEVICE_PLUGIN,
     helm_chart,
 )
-from stacks.catalog import INSTANCE_TYPES
 
 TYPE = f"{TYPE_PREFIX}:platform:ClusterAddons"
 CLUSTER_AUTOSCALER_SERVICE_ACCOUNT: Final = "cluster-autoscaler"
@@ -83,12 +83,13 @@ def build_nvidia_device_plugin_values() -> dict[str, Any]:
 
 
 def build_efa_device_plugin_values() -> dict[str, Any]:
-    """facts §A4: the chart tolerates only CriticalAddonsOnly, so without the GPU toleration it
+    """The chart tolerates only CriticalAddonsOnly, so without the GPU toleration it
     never runs on GPU nodes and pods asking for vpc.amazonaws.com/efa stay Pending.
 
     The chart also requires the node's instance type to be in `supportedInstanceLabels`, whose
-    default list at the pinned version has no p4d/p4de (facts §A4), types the catalog lets an EFA
+    default list at the pinned version has no p4d/p4de, types the catalog lets an EFA
     group use. Every EFA type of the catalog replaces it; our EFA label still picks the nodes.
+    Chart facts: docs/reference/aws-efa.md#efa-device-plugin.
     """
     efa_types = sorted(name for name, t in INSTANCE_TYPES.items() if t.efa_supported)
     return {

@@ -11,7 +11,7 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
-from components.eks_spec import (
+from components.render.eks_spec import (
     ADMIN_ACCESS_POLICY,
     CLUSTER_POLICIES,
     EBS_CSI_POLICY,
@@ -22,21 +22,21 @@ from components.eks_spec import (
     build_service_assume_role_policy,
     managed_policy_arn,
 )
-from components.naming import SYSTEM_NAMESPACE, TYPE_PREFIX
-from components.node_group_spec import (
+from components.render.node_group_spec import (
     CPU_AMI_TYPE,
     METADATA_OPTIONS,
     build_root_volume,
     build_system_labels,
 )
-from components.versions import (
+from stacks.naming import SYSTEM_NAMESPACE, TYPE_PREFIX
+from stacks.schema import ClusterSettings, SystemNodeSettings
+from stacks.versions import (
     COREDNS,
     EBS_CSI_DRIVER,
     KUBE_PROXY,
     POD_IDENTITY_AGENT,
     VPC_CNI,
 )
-from stacks.schema import ClusterSettings, SystemNodeSettings
 
 TYPE = f"{TYPE_PREFIX}:platform:EksCluster"
 EBS_CSI_SERVICE_ACCOUNT = "ebs-csi-controller-sa"
@@ -55,9 +55,9 @@ class EksClusterArgs:
     region: str
     # Private subnets: the control plane's ENIs and the system nodes go here.
     subnet_ids: Sequence[pulumi.Input[str]]
-    # MIME user data of the system nodes (components/node_user_data.py), not yet base64-encoded.
+    # MIME user data of the system nodes (components/render/node_user_data.py), not yet base64-encoded.
     system_user_data: str
-    # EKS managed add-on name -> version (components/versions.py); used for a new cluster only.
+    # EKS managed add-on name -> version (stacks/versions.py); used for a new cluster only.
     addon_versions: Mapping[str, str]
     tags: Mapping[str, str]
     # Protect the cluster from `pulumi destroy` and turn on EKS deletion protection (prod).
@@ -84,7 +84,7 @@ class NodeLaunchSpec:
 
     disk_gib: int
     fast_disk: bool  # GPU nodes: provisioned gp3 throughput for loading weights
-    user_data: str  # MIME user data (components/node_user_data.py), not yet base64-encoded
+    user_data: str  # MIME user data (components/render/node_user_data.py), not yet base64-encoded
     tags: Mapping[str, str]
 
 
@@ -98,7 +98,7 @@ def create_node_launch_template(
 ) -> aws.ec2.LaunchTemplate:
     """A node launch template: gp3 root volume, IMDSv2, user data, tags on instances and volumes.
 
-    The plain data from components/node_group_spec.py goes through the provider's typed Args
+    The plain data from components/render/node_group_spec.py goes through the provider's typed Args
     classes, so a misspelled key fails here instead of reaching AWS.
     """
     volume = build_root_volume(spec.disk_gib, fast=spec.fast_disk)

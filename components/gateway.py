@@ -1,6 +1,6 @@
 """The Nginx gateway: the OpenAI-compatible front door of every model deployment.
 
-A Deployment of nginx (config rendered by components/nginx_conf.py, cluster upstream mode)
+A Deployment of nginx (config rendered by components/render/nginx_conf.py, cluster upstream mode)
 with an nginx-prometheus-exporter sidecar, on the system nodes and spread over the AZs; a
 ConfigMap with the config and a Secret with the includes that carry keys (the client key map
 and the engine's Authorization header), both checksummed into the pod template so any change
@@ -10,64 +10,45 @@ LoadBalancer Service that the AWS cloud controller turns into an NLB.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.naming import (
-    COMPONENT_LABEL,
-    GATEWAY_KEYS_SECRET,
-    GATEWAY_NAME,
-    GATEWAY_PORT,
-    GATEWAY_SERVICE_PORT,
-    GATEWAY_TLS_PORT,
-    NAME_LABEL,
-    NGINX_EXPORTER_PORT,
-    TYPE_PREFIX,
-    ZONE_LABEL,
-    common_labels,
-    gateway_internal_url,
-    system_node_selector,
+from components.render.gateway_pod import (
+    COMPONENT,
+    CONFIG_CHECKSUM,
+    CONFIG_MAP_NAME,
+    HTTP_PORT_NAME,
+    LB_SERVICE_NAME,
+    SECRETS_CHECKSUM,
+    GatewayPod,
+    build_nlb_annotations,
+    build_pod_spec,
+    sha256,
 )
-from components.nginx_conf import (
+from components.render.nginx_conf import (
     API_KEYS_FILE,
-    CONF_DIR,
     CONF_FILE,
     ENGINE_AUTH_FILE,
-    HEALTH_PATH,
-    RESOLVER_FILE,
-    RESOLVER_TEMPLATE,
-    STATUS_PATH,
     NginxConfArgs,
     render_api_keys_map,
     render_engine_auth,
     render_nginx_conf,
 )
-
-COMPONENT = "gateway"
-CONFIG_MAP_NAME = f"{GATEWAY_NAME}-nginx"
-LB_SERVICE_NAME = f"{GATEWAY_NAME}-nlb"
-HTTP_PORT_NAME = "http"
-METRICS_PORT_NAME = "metrics"
-CONFIG_CHECKSUM = "checksum/config"
-SECRETS_CHECKSUM = "checksum/secrets"
-# The official nginx image's unprivileged user; nginx needs no root on port 8080.
-NGINX_UID = 101
-# Long enough for the NLB and kube-proxy to stop sending new connections before nginx
-# stops accepting them.
-PRE_STOP_SECONDS = 10
-# Request bodies over client_body_buffer_size are spooled here (the runtime emptyDir).
-RUNTIME_VOLUME_LIMIT = "4Gi"
-HOSTNAME_LABEL = "kubernetes.io/hostname"
-
-# Annotations read by the AWS cloud controller's service controller (no AWS Load Balancer
-# Controller is installed): an NLB with instance targets.
-LB_ANNOTATION_PREFIX = "service.beta.kubernetes.io/aws-load-balancer-"
-TLS_POLICY = "ELBSecurityPolicy-TLS13-1-2-2021-06"
+from stacks.naming import (
+    COMPONENT_LABEL,
+    GATEWAY_KEYS_SECRET,
+    GATEWAY_NAME,
+    GATEWAY_SERVICE_PORT,
+    GATEWAY_TLS_PORT,
+    NAME_LABEL,
+    TYPE_PREFIX,
+    common_labels,
+    gateway_internal_url,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,6 +65,9 @@ class GatewayArgs:
     load_balancer_tags: Mapping[str, str] = field(default_factory=dict)
     # What must exist before the pods can be scheduled (the system node group).
     depends_on: Sequence[pulumi.Resource] = ()
+
+    def pod(self) -> GatewayPod:
+        return GatewayPod(conf=self.conf, image=self.image, exporter_image=self.exporter_image)
 
 
 class Gateway(pulumi.ComponentResource):
@@ -139,7 +123,7 @@ class Gateway(pulumi.ComponentResource):
                             SECRETS_CHECKSUM: secrets_checksum,
                         },
                     },
-                    "spec": build_pod_spec(args, selector),
+                    "spec": cast(k8s.core.v1.PodSpecArgsDict, build_pod_spec(args.pod(), selector)),
                 },
             },
             opts=pulumi.ResourceOptions(parent=self, depends_on=list(args.depends_on)),
@@ -205,10 +189,6 @@ class Gateway(pulumi.ComponentResource):
         )
 
 
-def sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def secret_includes(
     client_api_keys: Mapping[str, pulumi.Input[str]], engine_api_key: pulumi.Input[str]
 ) -> dict[str, pulumi.Output[str]]:
@@ -221,165 +201,6 @@ def secret_includes(
     return {
         API_KEYS_FILE: pulumi.Output.secret(key_map),
         ENGINE_AUTH_FILE: pulumi.Output.secret(auth),
-    }
-
-
-def build_nlb_annotations(
-    scheme: Literal["internal", "internet-facing"],
-    tls_certificate_arn: str | None,
-    tags: Mapping[str, str],
-) -> dict[str, str]:
-    """The cloud controller's NLB annotations: scheme, cross-zone, TLS with an ACM cert, tags."""
-    a = {
-        f"{LB_ANNOTATION_PREFIX}type": "nlb",
-        # Targets sit in every AZ the gateway is spread over; without it an AZ's clients only
-        # reach that AZ's pods.
-        f"{LB_ANNOTATION_PREFIX}cross-zone-load-balancing-enabled": "true",
-    }
-    if scheme == "internal":
-        a[f"{LB_ANNOTATION_PREFIX}internal"] = "true"
-    if tls_certificate_arn:
-        # TLS ends at the NLB; nginx keeps speaking plain HTTP on 8080 inside the VPC.
-        a[f"{LB_ANNOTATION_PREFIX}ssl-cert"] = tls_certificate_arn
-        a[f"{LB_ANNOTATION_PREFIX}ssl-ports"] = str(GATEWAY_TLS_PORT)
-        a[f"{LB_ANNOTATION_PREFIX}ssl-negotiation-policy"] = TLS_POLICY
-        a[f"{LB_ANNOTATION_PREFIX}backend-protocol"] = "tcp"
-    if tags:
-        bad = [f"{k}={v}" for k, v in tags.items() if any(c in f"{k}{v}" for c in ",=")]
-        if bad:
-            raise ValueError(f"NLB tags cannot contain ',' or '=': {bad}")
-        a[f"{LB_ANNOTATION_PREFIX}additional-resource-tags"] = ",".join(
-            f"{k}={v}" for k, v in sorted(tags.items())
-        )
-    return a
-
-
-def build_start_script(conf: NginxConfArgs, resolv_conf: str = "/etc/resolv.conf") -> str:
-    """The nginx container's command: write the resolver include from the pod's first
-    nameserver (kube-dns), then exec nginx as PID 1 with the mounted config."""
-    runtime = conf.paths.runtime_dir
-    line = RESOLVER_TEMPLATE.format(address="%s")
-    return "\n".join(
-        [
-            "set -eu",
-            "ns=",
-            "while read -r key value _; do",
-            '    if [ "$key" = nameserver ]; then ns=$value; break; fi',
-            f"done < {resolv_conf}",
-            f'[ -n "$ns" ] || {{ echo "gateway: no nameserver in {resolv_conf}" >&2; exit 1; }}',
-            'case $ns in *:*) ns="[$ns]" ;; esac',
-            f"printf '{line}\\n' \"$ns\" > {runtime}/{RESOLVER_FILE}",
-            f"exec nginx -e stderr -c {CONF_DIR}/{CONF_FILE}",
-            "",
-        ]
-    )
-
-
-def build_pre_stop_script(
-    conf: NginxConfArgs, conf_path: str = f"{CONF_DIR}/{CONF_FILE}", delay: int = PRE_STOP_SECONDS
-) -> str:
-    """Stop taking new connections after the load balancers have let go, then let running
-    streams finish (nginx's graceful quit) before Kubernetes sends SIGTERM (a fast stop)."""
-    pid = f"{conf.paths.runtime_dir}/nginx.pid"
-    return f"sleep {delay}; nginx -c {conf_path} -s quit; while [ -e {pid} ]; do sleep 1; done"
-
-
-def _probe(period_seconds: int, failure_threshold: int) -> k8s.core.v1.ProbeArgsDict:
-    return {
-        "http_get": {"path": HEALTH_PATH, "port": HTTP_PORT_NAME},
-        "timeout_seconds": 2,
-        "period_seconds": period_seconds,
-        "failure_threshold": failure_threshold,
-    }
-
-
-_HARDENED: k8s.core.v1.SecurityContextArgsDict = {
-    "allow_privilege_escalation": False,
-    "read_only_root_filesystem": True,
-    "capabilities": {"drop": ["ALL"]},
-}
-
-
-def build_pod_spec(args: GatewayArgs, selector: Mapping[str, str]) -> k8s.core.v1.PodSpecArgsDict:
-    p = args.conf.paths
-    return {
-        "node_selector": system_node_selector(),
-        "topology_spread_constraints": [
-            {
-                "max_skew": 1,
-                "topology_key": ZONE_LABEL,
-                "when_unsatisfiable": "DoNotSchedule",
-                "label_selector": {"match_labels": dict(selector)},
-            },
-            {
-                "max_skew": 1,
-                "topology_key": HOSTNAME_LABEL,
-                "when_unsatisfiable": "ScheduleAnyway",
-                "label_selector": {"match_labels": dict(selector)},
-            },
-        ],
-        # In-flight generations may run up to the read timeout after nginx's graceful quit.
-        "termination_grace_period_seconds": PRE_STOP_SECONDS + args.conf.read_timeout_seconds,
-        "automount_service_account_token": False,
-        "security_context": {
-            "run_as_non_root": True,
-            "run_as_user": NGINX_UID,
-            "run_as_group": NGINX_UID,
-            "fs_group": NGINX_UID,
-            "seccomp_profile": {"type": "RuntimeDefault"},
-        },
-        "containers": [
-            {
-                "name": "nginx",
-                "image": args.image,
-                "command": ["/bin/sh", "-c", build_start_script(args.conf)],
-                "ports": [{"name": HTTP_PORT_NAME, "container_port": GATEWAY_PORT}],
-                "readiness_probe": _probe(period_seconds=5, failure_threshold=2),
-                "liveness_probe": _probe(period_seconds=10, failure_threshold=3),
-                "lifecycle": {
-                    "pre_stop": {
-                        "exec_": {"command": ["/bin/sh", "-c", build_pre_stop_script(args.conf)]}
-                    }
-                },
-                "resources": {
-                    "requests": {"cpu": "500m", "memory": "256Mi"},
-                    "limits": {"memory": "1Gi"},
-                },
-                "security_context": _HARDENED,
-                "volume_mounts": [
-                    {"name": "config", "mount_path": CONF_DIR, "read_only": True},
-                    {"name": "keys", "mount_path": p.secrets_dir, "read_only": True},
-                    {"name": "runtime", "mount_path": p.runtime_dir},
-                ],
-            },
-            {
-                "name": "exporter",
-                "image": args.exporter_image,
-                "args": [
-                    f"--nginx.scrape-uri=http://{args.conf.status_listen}{STATUS_PATH}",
-                    f"--web.listen-address=:{NGINX_EXPORTER_PORT}",
-                ],
-                "ports": [{"name": METRICS_PORT_NAME, "container_port": NGINX_EXPORTER_PORT}],
-                "resources": {
-                    "requests": {"cpu": "20m", "memory": "32Mi"},
-                    "limits": {"memory": "64Mi"},
-                },
-                "security_context": _HARDENED,
-            },
-        ],
-        "volumes": [
-            {"name": "config", "config_map": {"name": CONFIG_MAP_NAME}},
-            # Only the two includes, readable by nginx's group alone.
-            {
-                "name": "keys",
-                "secret": {
-                    "secret_name": GATEWAY_KEYS_SECRET,
-                    "default_mode": 0o440,
-                    "items": [{"key": f, "path": f} for f in (API_KEYS_FILE, ENGINE_AUTH_FILE)],
-                },
-            },
-            {"name": "runtime", "empty_dir": {"size_limit": RUNTIME_VOLUME_LIMIT}},
-        ],
     }
 
 

@@ -15,8 +15,7 @@ from components.eks_cluster import (
     NodeLaunchSpec,
     create_node_launch_template,
 )
-from components.naming import TYPE_PREFIX
-from components.node_group_spec import (
+from components.render.node_group_spec import (
     GPU_AMI_TYPE,
     NODE_TEMPLATE_PREFIX,
     build_autoscaler_tags,
@@ -28,6 +27,7 @@ from components.node_group_spec import (
     node_template_tags,
 )
 from stacks.catalog import InstanceType
+from stacks.naming import TYPE_PREFIX
 from stacks.schema import GpuNodeGroupSettings
 
 TYPE = f"{TYPE_PREFIX}:platform:GpuNodeGroup"
@@ -44,7 +44,7 @@ class GpuNodeGroupArgs:
     vpc_id: pulumi.Input[str]
     # Exactly the group's subnets: one (in group.availabilityZone) for EFA groups.
     subnet_ids: Sequence[pulumi.Input[str]]
-    # MIME user data (components/node_user_data.py), not yet base64-encoded.
+    # MIME user data (components/render/node_user_data.py), not yet base64-encoded.
     user_data: str
     tags: Mapping[str, str]
     # Created before the nodes (node role policies, CNI add-ons).
@@ -105,8 +105,9 @@ class GpuNodeGroup(pulumi.ComponentResource):
         return {**self._args.tags, **extra}
 
     def _create_efa_security_group(self, name: str) -> aws.ec2.SecurityGroup:
-        """facts §A3: EFA needs all traffic to AND from the group itself; without the egress self
-        rule OS-bypass traffic fails (the provider removes AWS's default allow-all egress)."""
+        """EFA needs all traffic to AND from the group itself; without the egress self rule
+        OS-bypass traffic fails (the provider removes AWS's default allow-all egress). Source:
+        docs/reference/aws-efa.md#efa-security-group."""
         sg = aws.ec2.SecurityGroup(
             f"{name}-efa-sg",
             vpc_id=self._args.vpc_id,

@@ -2,13 +2,13 @@
 
 Provisions, in the monitoring namespace: a gp3 StorageClass for Prometheus and Grafana
 (reclaim policy Retain when the stack is protected), the Grafana admin Secret (from a
-Pulumi secret), the kube-prometheus-stack Helm release (pinned in components/versions.py,
+Pulumi secret), the kube-prometheus-stack Helm release (pinned in stacks/versions.py,
 on the system node group), one PodMonitor per vLLM deployment (leader pods only: in a
 multi-node group only the leader serves /metrics) and one each for the DCGM, nginx, Redis
-and node exporters, a PrometheusRule with components/alert_rules.py's rules, and one
-ConfigMap per dashboard of components/dashboards.py for Grafana's dashboard sidecar.
+and node exporters, a PrometheusRule with components/render/alert_rules.py's rules, and one
+ConfigMap per dashboard of components/render/dashboards.py for Grafana's dashboard sidecar.
 
-Every monitor sets `job` and the labels of components/scrape_config.py through
+Every monitor sets `job` and the labels of components/render/scrape_config.py through
 relabelling, so the rules and dashboards work the same here and in the offline rehearsal.
 Targets are picked by container port number (a `keep` relabelling on the declared port),
 so the monitors do not depend on the port names other components chose.
@@ -24,33 +24,8 @@ from typing import Any, Final
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.naming import (
-    DCGM_EXPORTER_NAME,
-    DCGM_EXPORTER_NAMESPACE,
-    DCGM_EXPORTER_PORT,
-    GATEWAY_NAME,
-    GRAFANA_PORT,
-    LWS_GROUP_INDEX_LABEL,
-    LWS_NAME_LABEL,
-    LWS_WORKER_INDEX_LABEL,
-    MONITORING_NAMESPACE,
-    NAME_LABEL,
-    NGINX_EXPORTER_PORT,
-    NODE_EXPORTER_PORT,
-    NODE_GROUP_LABEL,
-    PROMETHEUS_PORT,
-    REDIS_EXPORTER_PORT,
-    REDIS_NAME,
-    TYPE_PREFIX,
-    VLLM_METRICS_PATH,
-    VLLM_PORT,
-    common_labels,
-    lws_name,
-    service_host,
-    system_node_selector,
-)
 from components.redis import gp3_storage_class
-from components.scrape_config import (
+from components.render.scrape_config import (
     DEPLOYMENT,
     GROUP,
     JOB_DCGM,
@@ -63,14 +38,38 @@ from components.scrape_config import (
     NODE,
     label_name,
 )
-from components.versions import KUBE_PROMETHEUS_STACK, helm_chart
+from stacks.naming import (
+    DCGM_EXPORTER_NAME,
+    DCGM_EXPORTER_NAMESPACE,
+    DCGM_EXPORTER_PORT,
+    GATEWAY_NAME,
+    GRAFANA_PORT,
+    LWS_GROUP_INDEX_LABEL,
+    LWS_NAME_LABEL,
+    LWS_WORKER_INDEX_LABEL,
+    MONITORING_FULLNAME,
+    MONITORING_NAMESPACE,
+    NAME_LABEL,
+    NGINX_EXPORTER_PORT,
+    NODE_EXPORTER_PORT,
+    NODE_GROUP_LABEL,
+    PROMETHEUS_PORT,
+    PROMETHEUS_SERVICE,
+    REDIS_EXPORTER_PORT,
+    REDIS_NAME,
+    TYPE_PREFIX,
+    VLLM_METRICS_PATH,
+    VLLM_PORT,
+    common_labels,
+    lws_name,
+    service_host,
+    system_node_selector,
+)
+from stacks.versions import KUBE_PROMETHEUS_STACK, helm_chart
 
 TYPE: Final = f"{TYPE_PREFIX}:observability:Monitoring"
 MONITORING_API: Final = "monitoring.coreos.com/v1"
 RELEASE_NAME: Final = "kube-prometheus-stack"
-# fullnameOverride: the chart names its objects "<this>-prometheus", "<this>-operator", ...
-FULLNAME: Final = "monitoring"
-PROMETHEUS_SERVICE: Final = f"{FULLNAME}-prometheus"
 GRAFANA_SERVICE: Final = "grafana"
 GRAFANA_ADMIN_SECRET: Final = "grafana-admin"
 GRAFANA_ADMIN_USER: Final = "admin"
@@ -125,7 +124,7 @@ def build_stack_values(v: StackValuesInput) -> dict[str, Any]:
     interval = f"{v.scrape_interval_seconds}s"
     system = dict(SYSTEM_NODES)
     return {
-        "fullnameOverride": FULLNAME,
+        "fullnameOverride": MONITORING_FULLNAME,
         "crds": {"enabled": True},
         "prometheusOperator": {
             "nodeSelector": system,
@@ -304,8 +303,10 @@ class MonitoringArgs:
     serving_namespace: str
     leaders: Sequence[LeaderTarget]
     redis: bool
-    alert_rules: Mapping[str, Any]  # components/alert_rules.py: build_alert_rules()
-    dashboards: Mapping[str, Mapping[str, Any]]  # components/dashboards.py: build_dashboards()
+    alert_rules: Mapping[str, Any]  # components/render/alert_rules.py: build_alert_rules()
+    dashboards: Mapping[
+        str, Mapping[str, Any]
+    ]  # components/render/dashboards.py: build_dashboards()
     grafana_admin_password: pulumi.Input[str]
     # What must exist first (the system node group), so destroy removes monitoring first.
     depends_on: Sequence[pulumi.Resource] = ()

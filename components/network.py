@@ -9,10 +9,10 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
-from components.eks_spec import s3_gateway_service_name
-from components.naming import TYPE_PREFIX
-from components.subnet_plan import build_subnet_cidrs
+from components.render.eks_spec import s3_gateway_service_name
+from stacks.naming import TYPE_PREFIX
 from stacks.schema import NetworkSettings
+from stacks.subnet_plan import build_subnet_cidrs
 
 TYPE = f"{TYPE_PREFIX}:platform:Network"
 # Load balancer subnet discovery (AWS Load Balancer Controller and the in-tree controller).

@@ -2,7 +2,7 @@
 optionally LMCache's remote KV store.
 
 One StatefulSet pod runs the official image on the system nodes with the config rendered by
-components/redis_conf.py (ACL users, AOF, maxmemory) and a redis_exporter sidecar. Its volume
+components/render/redis_conf.py (ACL users, AOF, maxmemory) and a redis_exporter sidecar. Its volume
 comes from a StorageClass of its own so that its reclaim policy follows `protect`: with
 protect the EBS volume outlives the claim, the namespace and `pulumi destroy` (docs/data.md
 says how to let it go). A NetworkPolicy admits only the pods that use it.
@@ -13,11 +13,31 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.naming import (
+from components.render.redis_conf import (
+    ADMIN_PASSWORD_ENTRY,
+    APP_USER,
+    CONF_FILE,
+    EXPORTER_PASSWORD_ENTRY,
+    PASSWORD_ENTRY,
+    USERNAME_ENTRY,
+    RedisConf,
+    render_redis_conf,
+)
+from components.render.redis_pod import (
+    COMPONENT,
+    DATA_VOLUME,
+    HEADLESS_NAME,
+    METRICS_PORT_NAME,
+    PORT_NAME,
+    RedisPod,
+    build_pod_spec,
+)
+from stacks.naming import (
     COMPONENT_LABEL,
     DEPLOYMENT_LABEL,
     ENGINE_COMPONENT,
@@ -35,31 +55,7 @@ from components.naming import (
     TYPE_PREFIX,
     WEBUI_NAME,
     common_labels,
-    system_node_selector,
 )
-from components.redis_conf import (
-    ADMIN_PASSWORD_ENTRY,
-    APP_USER,
-    CONF_FILE,
-    DATA_DIR,
-    EXPORTER_PASSWORD_ENTRY,
-    EXPORTER_USER,
-    PASSWORD_ENTRY,
-    USERNAME_ENTRY,
-    RedisConf,
-    redis_memory_mib,
-    render_redis_conf,
-)
-
-COMPONENT = "cache"
-CONF_DIR = "/usr/local/etc/redis"
-# The official image's redis user; fsGroup makes the volume and the config readable to it.
-REDIS_UID = 999
-HEADLESS_NAME = f"{REDIS_NAME}-headless"
-PORT_NAME = "redis"
-METRICS_PORT_NAME = "metrics"
-DATA_VOLUME = "data"
-CONF_VOLUME = "config"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +73,11 @@ class RedisArgs:
     webui_clients: bool  # admit the web UI's pods
     engine_clients: Sequence[str]  # deployments whose engines use Redis as LMCache's backend
     protect: bool  # keep the StatefulSet and the EBS volume when Pulumi deletes them
+
+    def pod(self) -> RedisPod:
+        return RedisPod(
+            image=self.image, exporter_image=self.exporter_image, maxmemory_mib=self.maxmemory_mib
+        )
 
 
 class Redis(pulumi.ComponentResource):
@@ -181,7 +182,7 @@ class Redis(pulumi.ComponentResource):
                             )
                         },
                     },
-                    "spec": build_pod_spec(args),
+                    "spec": cast(k8s.core.v1.PodSpecArgsDict, build_pod_spec(args.pod())),
                 },
                 "volume_claim_templates": [
                     {
@@ -269,80 +270,3 @@ def _ingress(args: RedisArgs) -> list[k8s.networking.v1.NetworkPolicyIngressRule
         {"from_": clients, "ports": [{"protocol": "TCP", "port": REDIS_PORT}]},
         {"from_": [prometheus], "ports": [{"protocol": "TCP", "port": REDIS_EXPORTER_PORT}]},
     ]
-
-
-def build_pod_spec(args: RedisArgs) -> k8s.core.v1.PodSpecArgsDict:
-    memory = f"{redis_memory_mib(args.maxmemory_mib)}Mi"
-    hardened: k8s.core.v1.SecurityContextArgsDict = {
-        "allow_privilege_escalation": False,
-        "read_only_root_filesystem": True,
-        "capabilities": {"drop": ["ALL"]},
-    }
-    exporter_password: k8s.core.v1.EnvVarSourceArgsDict = {
-        "secret_key_ref": {"name": REDIS_CONFIG_SECRET, "key": EXPORTER_PASSWORD_ENTRY}
-    }
-    # redis-cli exits 0 even on NOAUTH or LOADING, so the probe compares the reply itself.
-    ping = (
-        f'test "$(redis-cli -p {REDIS_PORT} --user {EXPORTER_USER} --no-auth-warning ping)" = PONG'
-    )
-    redis: k8s.core.v1.ContainerArgsDict = {
-        "name": "redis",
-        "image": args.image,
-        # args, not command: the image's entrypoint still sets its umask before exec
-        "args": ["redis-server", f"{CONF_DIR}/{CONF_FILE}"],
-        "ports": [{"name": PORT_NAME, "container_port": REDIS_PORT}],
-        # redis-cli reads the password from REDISCLI_AUTH: the probe never shows it in ps
-        "env": [{"name": "REDISCLI_AUTH", "value_from": exporter_password}],
-        "volume_mounts": [
-            {"name": DATA_VOLUME, "mount_path": DATA_DIR},
-            {"name": CONF_VOLUME, "mount_path": CONF_DIR, "read_only": True},
-        ],
-        "resources": {"requests": {"cpu": "250m", "memory": memory}, "limits": {"memory": memory}},
-        # TCP for liveness: Redis listens (and answers LOADING) while it replays a large AOF
-        "liveness_probe": {
-            "tcp_socket": {"port": PORT_NAME},
-            "period_seconds": 20,
-            "failure_threshold": 6,
-        },
-        "readiness_probe": {
-            "exec_": {"command": ["sh", "-c", ping]},
-            "period_seconds": 10,
-            "timeout_seconds": 5,
-        },
-        "security_context": hardened,
-    }
-    exporter: k8s.core.v1.ContainerArgsDict = {
-        "name": "exporter",
-        "image": args.exporter_image,
-        "env": [
-            {"name": "REDIS_ADDR", "value": f"redis://127.0.0.1:{REDIS_PORT}"},
-            {"name": "REDIS_USER", "value": EXPORTER_USER},
-            {"name": "REDIS_PASSWORD", "value_from": exporter_password},
-            {"name": "REDIS_EXPORTER_WEB_LISTEN_ADDRESS", "value": f":{REDIS_EXPORTER_PORT}"},
-        ],
-        "ports": [{"name": METRICS_PORT_NAME, "container_port": REDIS_EXPORTER_PORT}],
-        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
-        "liveness_probe": {"http_get": {"path": "/health", "port": METRICS_PORT_NAME}},
-        "security_context": hardened,
-    }
-    return {
-        "node_selector": system_node_selector(),
-        # a Service named "redis" would inject REDIS_PORT=tcp://... into every pod
-        "enable_service_links": False,
-        "security_context": {
-            "run_as_user": REDIS_UID,
-            "run_as_group": REDIS_UID,
-            "fs_group": REDIS_UID,
-            "run_as_non_root": True,
-            "fs_group_change_policy": "OnRootMismatch",
-            "seccomp_profile": {"type": "RuntimeDefault"},
-        },
-        "termination_grace_period_seconds": 30,
-        "containers": [redis, exporter],
-        "volumes": [
-            {
-                "name": CONF_VOLUME,
-                "secret": {"secret_name": REDIS_CONFIG_SECRET, "default_mode": 0o440},
-            }
-        ],
-    }

@@ -2,7 +2,7 @@
 
 Provisions the deployment's engine Secret (VLLM_API_KEY, and HF_TOKEN for gated models, from
 Pulumi secrets), the LeaderWorkerSet (leaderworkerset.x-k8s.io/v1, a CustomResource) and the
-headless Service over its leaders. The manifests come from components/vllm_pods.py.
+headless Service over its leaders. The manifests come from components/render/vllm_pods.py.
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.naming import (
+from components.render.vllm_command import EngineSpec, served_model_name
+from components.render.vllm_pods import build_leader_service, build_lws, deployment_labels
+from stacks.naming import (
     ENGINE_API_KEY_ENTRY,
     HF_TOKEN_ENTRY,
     TYPE_PREFIX,
     VLLM_PORT,
     service_host,
 )
-from components.vllm_command import EngineSpec, served_model_name
-from components.vllm_pods import build_leader_service, build_lws, deployment_labels
 
 
 @dataclass(frozen=True, kw_only=True)

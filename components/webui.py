@@ -19,7 +19,8 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from components.gateway import build_nlb_annotations
-from components.naming import (
+from components.redis import gp3_storage_class
+from stacks.naming import (
     COMPONENT_LABEL,
     NAME_LABEL,
     TYPE_PREFIX,
@@ -29,7 +30,6 @@ from components.naming import (
     common_labels,
     system_node_selector,
 )
-from components.redis import gp3_storage_class
 
 COMPONENT = "chat-ui"
 DATA_DIR = "/app/backend/data"  # the image's DATA_DIR: SQLite database, uploads, caches

@@ -1,14 +1,9 @@
 """Entry point the Pulumi CLI runs for `--policy-pack policy`: serves every rule of rules.py.
 
-The CLI starts this file from inside policy/, so the repository root is put on sys.path
-for `policy.rules` and the shared constants and planner it imports from components/ and
-stacks/. The pack is therefore run from a checkout of this repository, not published.
+The CLI starts this file from inside policy/ with the interpreter of ../.venv, which finds
+`policy.rules` and the config model and renderers it imports through the .pth file that
+`make venv` writes. The pack is therefore run from a checkout of this repository, not published.
 """
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pulumi_policy import EnforcementLevel, PolicyPack
 

@@ -1,5 +1,7 @@
 """The guardrails of the policy pack: one policy per pain point or org rule.
 
+The pain points and their sources: docs/reference/peers.md.
+
 Every policy reads the resource inputs in their wire form (camelCase keys, Kubernetes
 objects with apiVersion/kind), which is what `pulumi preview --policy-pack policy`
 hands to the analyzer and what the tests' recording mock monitor records; the tests
@@ -28,7 +30,8 @@ from pulumi_policy import (
     StackValidationPolicy,
 )
 
-from components.naming import (
+from components.render.vllm_pods import quantity
+from stacks.naming import (
     EFA_LABEL,
     EFA_RESOURCE,
     GPU_RESOURCE,
@@ -36,9 +39,9 @@ from components.naming import (
     PROMETHEUS_PORT,
     REDIS_PORT,
 )
-from components.vllm_pods import quantity
 from stacks.planner import format_bytes, min_shm_bytes
-from stacks.rules import DIGEST, MIN_BODY_MIB
+from stacks.rules.common import DIGEST
+from stacks.rules.gateway import MIN_BODY_MIB
 
 SHM_PATH: Final = "/dev/shm"
 # Smallest client_max_body_size that still takes a few base64 images (nginx's default

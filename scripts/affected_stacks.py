@@ -47,7 +47,7 @@ def affected(changed: Iterable[str], stacks: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="scripts/affected_stacks.py",
+        prog="python -m scripts.affected_stacks",
         description="Read changed paths (one per line) on stdin; print the affected stacks as JSON.",
     )
     parser.add_argument(

@@ -24,9 +24,6 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
-# Run as a file (scripts/cost.py), the repo root is not on sys.path yet.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from stacks import prices
 from stacks.parse import SettingsError
 from stacks.schema import Settings
@@ -325,7 +322,7 @@ def _markdown_notes(assumptions: Sequence[str]) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="scripts/cost.py",
+        prog="python -m scripts.cost",
         description=(__doc__ or "").split("\n\n")[0],
         epilog=(__doc__ or "").split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,

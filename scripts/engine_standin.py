@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """CPU stand-in for `vllm serve` (vLLM 0.33.0) used by the offline rehearsal. It runs NO inference.
 
 Invoked exactly like the real binary: `engine_standin.py serve MODEL <vllm serve flags>`.
@@ -8,7 +7,7 @@ group over TCP the way the mp backend does (headless ranks join the leader at
 has joined), and serves vLLM's HTTP surface (/health, /v1/models, /v1/chat/completions,
 /metrics, ...) with replies that say they come from a stand-in.
 
-Standard library and the repository's components/vllm_command.py only (whose imports are
+Standard library and the repository's components/render/vllm_command.py only (whose imports are
 standard library too), so the rehearsal can run it with the machine's python3 inside
 network namespaces. See docs/rehearsal.md for what it models and what it does not.
 """
@@ -37,14 +36,10 @@ import uuid
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from types import FrameType
 from typing import Any, cast
 
-# Run as a file (also with `python3 -I`), the repo root is not on sys.path yet.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from components.vllm_command import FlagSpec, flag_table
+from stacks.vllm_flags import FlagSpec, flag_table
 
 VLLM_VERSION = "0.33.0"
 PROTOCOL = "qvr-standin-rendezvous/1"
@@ -52,7 +47,8 @@ STANDIN_NOTICE = "vLLM engine STAND-IN on CPU: no model is loaded and no inferen
 
 # vLLM's AuthenticationMiddleware checks the key only under these path prefixes.
 AUTH_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")
-# Defaults vLLM applies when the flag or variable is absent (vllm-contract.md §2.5, §5).
+# Defaults vLLM applies when the flag or variable is absent (docs/reference/vllm.md, sections
+# env-vars and serve-flags).
 DEFAULT_ENGINE_READY_TIMEOUT_S = 600.0
 DEFAULT_KEEP_ALIVE_S = 5.0
 DEFAULT_MAX_NUM_SEQS = 256
@@ -60,7 +56,7 @@ DEFAULT_MM_LIMIT = 999
 FINISHED_REASONS = ("stop", "length", "abort", "error", "repetition")
 QWEN_VOCAB_SIZE = 151_643  # /tokenize ids are word hashes folded into this range
 
-# vLLM v1 histogram buckets. vllm-contract.md §4 confirms the ends (0.001…2560, 0.01…80,
+# vLLM v1 histogram buckets. docs/reference/vllm.md#metrics confirms the ends (0.001…2560, 0.01…80,
 # 0.3…7680 s); the bounds between are not checked against vLLM here.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
@@ -69,9 +65,9 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
 
-# The option table has no nargs/type column. These dests take one or more values in
-# vLLM (list-typed config fields, contract §5); options whose table default is a list or
-# set literal are multi-valued too, except the JSON-typed and append ones below.
+# The option table has no nargs/type column. These dests take one or more values in vLLM (list-typed
+# config fields, docs/reference/vllm.md#serve-flags); options whose table default is a list or set
+# literal are multi-valued too, except the JSON-typed and append ones below.
 MULTI_VALUE_DESTS = frozenset({
     "served_model_name", "api_key", "lora_modules", "allowed_media_domains",
     "cudagraph_capture_sizes", "logits_processors", "lora_target_modules",
@@ -168,7 +164,7 @@ MODEL_TAG = OptionSpec(strings=("model_tag",), dest="model_tag", default="None",
 
 
 def serve_options() -> list[OptionSpec]:
-    """`vllm serve`'s positional, then every option of components/vllm_command.py's table
+    """`vllm serve`'s positional, then every option of components/render/vllm_command.py's table
     (one row each, in the table's order; flag_table() maps every option string to its row)."""
     rows: dict[FlagSpec, None] = dict.fromkeys(flag_table().values())
     return [MODEL_TAG, *(OptionSpec(f.options, f.dest, f.default, f.choices) for f in rows)]
@@ -1527,7 +1523,7 @@ def _serve(server: EngineServer, stop: threading.Event) -> None:
 
 def standin_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="engine_standin.py",
+        prog="python -m scripts.engine_standin",
         description=(
             "CPU stand-in for `vllm serve` (vLLM 0.33.0) used by the offline rehearsal. It "
             "accepts exactly vLLM's flags, forms the multi-node group over TCP and serves "

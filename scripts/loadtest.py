@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Load test a stack's gateway: chat completions with a generated image, streamed and not.
 
 Locust (library mode, headless) runs in a child process (scripts/loadtest_worker.py)
@@ -45,15 +44,13 @@ from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
+from scripts.rehearsal.layout import DEFAULT_STATE_DIR, Layout
+from scripts.rehearsal.netns import SUBNET as REHEARSAL_SUBNET
+from stacks.naming import GATEWAY_NAME
+
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as a file: make the repo's packages importable
-    sys.path.insert(0, str(REPO_ROOT))
 
-from components.naming import GATEWAY_NAME  # noqa: E402 (after the sys.path line above)
-from scripts.rehearsal.layout import DEFAULT_STATE_DIR, Layout  # noqa: E402
-from scripts.rehearsal.netns import SUBNET as REHEARSAL_SUBNET  # noqa: E402
-
-WORKER: Final = REPO_ROOT / "scripts" / "loadtest_worker.py"
+WORKER: Final = "scripts.loadtest_worker"
 DEFAULT_OUT_ROOT: Final = REPO_ROOT / "build" / "loadtest"
 
 # Hard caps: no option can make a run larger or longer than this.
@@ -946,7 +943,7 @@ def gateway_routes(target: Target, wanted: Sequence[str]) -> tuple[Route, ...]:
 
 
 def worker_argv(spec_path: Path, netns: str | None) -> list[str]:
-    argv = [sys.executable, str(WORKER), str(spec_path)]
+    argv = [sys.executable, "-m", WORKER, str(spec_path)]
     return ["ip", "netns", "exec", netns, *argv] if netns else argv
 
 
@@ -995,7 +992,7 @@ def wait_worker(proc: subprocess.Popen[bytes], spec: WorkerSpec, directory: Path
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="loadtest.py",
+        prog="python -m scripts.loadtest",
         description=(__doc__ or "").split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

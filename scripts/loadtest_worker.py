@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """The load generator behind scripts/loadtest.py and scripts/bench.py: Locust in library mode.
 
 Run only as a child process, `loadtest_worker.py SPEC.json`: the commands write the spec
@@ -29,17 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as a file: make the repo's packages importable
-    sys.path.insert(0, str(REPO_ROOT))
+import gevent
+from geventhttpclient import HTTPClient
+from locust import User, constant, task
+from locust.env import Environment
+from locust.exception import StopUser
 
-import gevent  # noqa: E402 (after the sys.path line above)
-from geventhttpclient import HTTPClient  # noqa: E402
-from locust import User, constant, task  # noqa: E402
-from locust.env import Environment  # noqa: E402
-from locust.exception import StopUser  # noqa: E402
-
-from scripts.loadtest import (  # noqa: E402
+from scripts.loadtest import (
     RECORD_FIELDS,
     STOP_GRACE_S,
     LoadtestError,
@@ -59,6 +54,8 @@ from scripts.loadtest import (  # noqa: E402
     reaches_via_rehearsal,
     stream_timing,
 )
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 CONNECT_TIMEOUT_S = 10.0
 ERROR_TEXT_LIMIT = 160

@@ -2,10 +2,10 @@
 # Builds, once, a Debian sid chroot with nginx-light, for checking the gateway's cluster
 # config: its upstreams use `server ... resolve`, which nginx has only since 1.27.3, while
 # bookworm ships 1.22 and sid's nginx needs a newer libssl/libpcre2 than bookworm has
-# (shared/reference/toolchain.md §7). Idempotent: an existing, working chroot is reused.
+# (docs/reference/toolchain.md#nginx-resolve-offline). Idempotent: an existing, working chroot is reused.
 set -euo pipefail
 
-# Keep in step with components/nginx_conf.py NGINX_RESOLVE_MIN_VERSION (a test compares them).
+# Keep in step with components/render/nginx_conf.py NGINX_RESOLVE_MIN_VERSION (a test compares them).
 MIN_VERSION=1.27.3
 DIR="${NGINX_CHROOT:-/var/cache/qwen-vl/nginx-sid}"
 MARKER=.qwen-vl-nginx-chroot

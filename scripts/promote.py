@@ -37,14 +37,11 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import YAMLError
 
-# Run as a file (scripts/promote.py), the repo root is not on sys.path yet.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from scripts.affected_stacks import stacks_in
+from scripts.verification import RecordError, unverified_reason
 from stacks.parse import SettingsError, schema_fields
 from stacks.schema import DERIVED_FIELDS, PROJECT, Secret, Settings, default_of
 from stacks.settings import ROOT, load_stack_file
-from stacks.verification import RecordError, unverified_reason
 
 # Deployments and node groups are list items identified by this key.
 ITEM_KEY = "name"
@@ -314,7 +311,7 @@ def run(src: str, dst: str, *, root: Path, check: bool, dry_run: bool) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="scripts/promote.py",
+        prog="python -m scripts.promote",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Exit status: 0 done or nothing to do; 1 refused, or (--check) DST is behind SRC.",

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Run a stack's data plane on this machine: the offline rehearsal.
 
 `rehearse.py --stack dev` brings up, in network namespaces, the gateway (nginx), the
@@ -25,9 +24,6 @@ from pathlib import Path
 from types import FrameType
 from typing import Final, NoReturn, TextIO
 
-# Run as a file (scripts/rehearse.py), the repo root is not on sys.path yet.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from scripts.rehearsal import netns, runner
 from scripts.rehearsal.layout import DEFAULT_STATE_DIR
 from scripts.rehearsal.plan import (
@@ -44,9 +40,9 @@ from scripts.rehearsal.plan import (
     stack_path,
     substitution_table,
 )
+from scripts.verification import config_hash
 from stacks.schema import Settings
 from stacks.settings import SettingsError, load_stack_file
-from stacks.verification import config_hash
 
 DEFAULT_TIMEOUT_S: Final = 60.0
 DOWN_TIMEOUT_S: Final = 60.0
@@ -63,7 +59,7 @@ def _interrupt(signum: int, _frame: FrameType | None) -> NoReturn:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="rehearse.py",
+        prog="python -m scripts.rehearse",
         description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Run the testinfra suite (tests/infra) against a stack and record the result.
 
 Targets:
@@ -35,12 +34,36 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlencode
 
-# Run as a file (scripts/verify.py), the repo root is not on sys.path yet.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from components.alert_rules import build_alert_rules
-from components.gateway import COMPONENT as GATEWAY_COMPONENT
-from components.naming import (
+from components.render.alert_rules import build_alert_rules
+from components.render.gateway_pod import COMPONENT as GATEWAY_COMPONENT
+from components.render.nginx_conf import API_KEYS_FILE
+from components.render.node_group_spec import EFA_HUGEPAGES
+from components.render.redis_conf import EXPORTER_PASSWORD_ENTRY, EXPORTER_USER
+from components.render.time_sync import (
+    AMAZON_TIME_SYNC_SERVER,
+    CHRONY_CONF_PATH,
+    render_chrony_conf,
+)
+from scripts.rehearsal import inventory as inv
+from scripts.rehearsal.layout import DEFAULT_STATE_DIR
+from scripts.rehearsal.plan import (
+    EnginePod,
+    Layout,
+    engine_roles,
+    gateway_vars,
+    node_vars,
+    stack_path,
+)
+from scripts.verification import (
+    RECORD_DIR,
+    RecordError,
+    Target,
+    config_hash,
+    new_record,
+    write_record,
+)
+from stacks.catalog import instance_type, supports_phc
+from stacks.naming import (
     COMPONENT_LABEL,
     ENGINE_API_KEY_ENTRY,
     GATEWAY_KEYS_SECRET,
@@ -63,33 +86,10 @@ from components.naming import (
     engine_secret_name,
     lws_name,
 )
-from components.nginx_conf import API_KEYS_FILE
-from components.node_group_spec import EFA_HUGEPAGES
-from components.redis_conf import EXPORTER_PASSWORD_ENTRY, EXPORTER_USER
-from components.time_sync import AMAZON_TIME_SYNC_SERVER, CHRONY_CONF_PATH, render_chrony_conf
-from components.vllm_pods import shm_size_bytes
-from scripts.rehearsal import inventory as inv
-from scripts.rehearsal.layout import DEFAULT_STATE_DIR
-from scripts.rehearsal.plan import (
-    EnginePod,
-    Layout,
-    engine_roles,
-    gateway_vars,
-    node_vars,
-    stack_path,
-)
-from stacks.catalog import instance_type, supports_phc
-from stacks.rules import plan_for
+from stacks.planner import plan_for
+from stacks.pod_sizing import shm_size_bytes
 from stacks.schema import Settings
 from stacks.settings import SettingsError, load_stack_file
-from stacks.verification import (
-    RECORD_DIR,
-    RecordError,
-    Target,
-    config_hash,
-    new_record,
-    write_record,
-)
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 SUITE: Final = ROOT / "tests" / "infra"
@@ -138,7 +138,7 @@ NO_TESTS: Final = Outcome(0, 0, 0, 0.0)
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="verify.py",
+        prog="python -m scripts.verify",
         description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,12 +1,12 @@
 """Instance-type and model catalogs used by the settings and the capacity planner.
 
-Every number comes from /work/shared/reference/aws-efa-qwen-facts.md unless a comment says
-otherwise:
-- GPU instance rows: §A1 (Karpenter's generated instance-type reference, built from EC2
-  DescribeInstanceTypes; GPU memory is the EC2 GpuInfo value in MiB) and §A2 (one EFA interface
-  per network card).
-- PTP hardware clock (PHC) families and regions: §B.
-- Qwen3-VL architecture values and parameter counts: §C8; FP8 checkpoints exist for every size.
+Every number comes from docs/reference/ unless a comment says otherwise:
+- GPU instance rows: aws-efa.md#efa-instance-types (Karpenter's generated instance-type
+  reference, built from EC2 DescribeInstanceTypes; GPU memory is the EC2 GpuInfo value in MiB)
+  and aws-efa.md#efa-interfaces (one EFA interface per network card).
+- PTP hardware clock (PHC) families and regions: eks-nodes.md#phc-support.
+- Qwen3-VL architecture values and parameter counts: qwen3-vl.md#config-values and
+  #parameter-counts; FP8 checkpoints exist for every size (#fp8-checkpoints).
 
 At deploy time the truth is `aws ec2 describe-instance-types`; this table exists so that plans and
 launch templates can be checked offline, before anything is created.
@@ -23,11 +23,12 @@ KIB = 1 << 10
 MIB = 1 << 20
 GIB = 1 << 30
 
-# §B: "families M7a, M7g, M7i, R7a, R7g, R7i, I8g, I8ge"; no GPU family is listed.
+# AWS lists the families M7a, M7g, M7i, R7a, R7g, R7i, I8g, I8ge and no GPU family
+# (docs/reference/eks-nodes.md#phc-support).
 PHC_FAMILIES: frozenset[str] = frozenset({"m7a", "m7g", "m7i", "r7a", "r7g", "r7i", "i8g", "i8ge"})
 
-# §B: "Regions us-east-1, us-east-2, Malaysia, Thailand, Tokyo, Stockholm" (the New York City
-# Local Zone belongs to us-east-1).
+# AWS lists us-east-1, us-east-2, Malaysia, Thailand, Tokyo, Stockholm (the New York City Local
+# Zone belongs to us-east-1; docs/reference/eks-nodes.md#phc-support).
 PHC_REGIONS: frozenset[str] = frozenset(
     {
         "us-east-1",
@@ -68,7 +69,8 @@ def _has_phc_family(name: str) -> bool:
     return name.split(".", 1)[0] in PHC_FAMILIES
 
 
-# §A1 main table: (GPUs, GPU model, MiB/GPU, vCPU, RAM GiB, Gbps, max EFA, network cards).
+# Rows of docs/reference/aws-efa.md#efa-instance-types: (GPUs, GPU model, MiB/GPU, vCPU, RAM GiB,
+# Gbps, max EFA, network cards).
 _P_TYPES: dict[str, tuple[int, str, int, int, int, int, int, int]] = {
     "p4d.24xlarge": (8, "A100", 40960, 96, 1152, 400, 4, 4),
     "p4de.24xlarge": (8, "A100", 81920, 96, 1152, 400, 4, 4),
@@ -77,25 +79,25 @@ _P_TYPES: dict[str, tuple[int, str, int, int, int, int, int, int]] = {
     "p5e.48xlarge": (8, "H200", 144384, 192, 2048, 3200, 32, 32),
     "p5en.48xlarge": (8, "H200", 144384, 192, 2048, 3200, 16, 16),
     "p6-b200.48xlarge": (8, "B200", 183359, 192, 2048, 3200, 8, 8),
-    # 17 network cards but 16 EFA: card 0 apparently cannot carry EFA (§A1 note).
+    # 17 network cards but 16 EFA: card 0 apparently cannot carry EFA (same source).
     "p6-b300.48xlarge": (8, "B300", 275040, 192, 4096, 6400, 16, 17),
 }
 
-# g5 / g6 / g6e: one GPU model per family (§A1: A10G and L4 22888 MiB, L40S 45776 MiB).
+# g5 / g6 / g6e: one GPU model per family (A10G and L4 22888 MiB, L40S 45776 MiB: same source).
 _G_GPU: dict[str, tuple[str, int]] = {
     "g5": ("A10G", 22888),
     "g6": ("L4", 22888),
     "g6e": ("L40S", 45776),
 }
 
-# GPUs per size (brief; matches the GPU counts §A1 gives for the EFA sizes).
+# GPUs per size (brief; matches the GPU counts docs/reference/aws-efa.md gives for the EFA sizes).
 _G_GPUS: dict[str, int] = {
     "xlarge": 1, "2xlarge": 1, "4xlarge": 1, "8xlarge": 1,
     "12xlarge": 4, "16xlarge": 1, "24xlarge": 4, "48xlarge": 8,
 }  # fmt: skip
 
-# (vCPU, RAM GiB) per size: AWS published sizes; the 48xlarge rows match §A1 (192/768 and
-# 192/1536), as does g6e.24xlarge (96/768).
+# (vCPU, RAM GiB) per size: AWS published sizes; the 48xlarge rows match the table of
+# docs/reference/aws-efa.md (192/768 and 192/1536), as does g6e.24xlarge (96/768).
 _G_CPU_RAM: dict[str, dict[str, tuple[int, int]]] = {
     "g5": {
         "xlarge": (4, 16), "2xlarge": (8, 32), "4xlarge": (16, 64), "8xlarge": (32, 128),
@@ -112,10 +114,11 @@ _G_CPU_RAM: dict[str, dict[str, tuple[int, int]]] = {
     },
 }  # fmt: skip
 
-# (Gbps, max EFA, network cards) per size. 8xlarge..48xlarge: §A1 "Which g5 / g6 / g6e sizes have
-# EFA" table (one EFA and one card unless stated: g6e.24xlarge 2/2, g6e.48xlarge 4/4).
-# xlarge..4xlarge have no EFA (§A1); their Gbps are AWS's published "up to" burst figures (not in
-# the facts file), and no rule uses them.
+# (Gbps, max EFA, network cards) per size. 8xlarge..48xlarge: the g5/g6/g6e list of the EFA
+# table in docs/reference/aws-efa.md#efa-instance-types; one EFA and one card unless stated
+# (2/2 on g6e.24xlarge, 4/4 on g6e.48xlarge). The xlarge..4xlarge sizes have no EFA (same
+# source); their Gbps are AWS's published "up to" burst figures (not in docs/reference/), and no
+# rule uses them.
 _G_NETWORK: dict[str, dict[str, tuple[int, int, int]]] = {
     "g5": {
         "xlarge": (10, 0, 1), "2xlarge": (10, 0, 1), "4xlarge": (25, 0, 1),
@@ -135,7 +138,7 @@ _G_NETWORK: dict[str, dict[str, tuple[int, int, int]]] = {
 }  # fmt: skip
 
 # CPU types for the system node group: (vCPU, RAM GiB, Gbps), AWS published sizes (m: 4 GiB per
-# vCPU, c: 2, r: 8; not in the facts file). AWS lists each as "up to 12.5 Gbps"; the int field
+# vCPU, c: 2, r: 8; not in docs/reference/). AWS lists each as "up to 12.5 Gbps"; the int field
 # holds 12, and no rule uses it.
 _CPU_TYPES: dict[str, tuple[int, int, int]] = {
     "m7i.large": (2, 8, 12),
@@ -211,13 +214,15 @@ def instance_type(name: str) -> InstanceType | None:
 
 
 def supports_phc(instance: InstanceType, region: str) -> bool:
-    """PHC needs a capable family and one of the §B regions; anything else uses the NTP endpoint."""
+    """PHC needs a capable family and region (docs/reference/eks-nodes.md#phc-support); anything
+    else uses the NTP endpoint."""
     return instance.phc and region in PHC_REGIONS
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelSpec:
-    """A Qwen3-VL checkpoint: the architecture values that size weights and KV cache (facts §C8).
+    """A Qwen3-VL checkpoint: the architecture values that size weights and KV cache
+    (docs/reference/qwen3-vl.md#config-values).
 
     Weight bytes are an approximation: bf16 checkpoints hold 2 bytes per parameter; the FP8
     checkpoints are counted as 1 byte per language-model parameter plus 2 bytes per vision parameter
@@ -257,13 +262,13 @@ class ModelSpec:
 
 
 FP8_SUFFIX = "-FP8"
-_HEAD_DIM = 128  # §C8: every size
-_MAX_CONTEXT = 262144  # §C8: max_position_embeddings
+_HEAD_DIM = 128  # every size (docs/reference/qwen3-vl.md#config-values)
+_MAX_CONTEXT = 262144  # max_position_embeddings, every size (same source)
 
 
-# §C8 config table (layers, hidden, heads, KV heads, experts, moe_intermediate_size) and its
-# "Parameter counts" table (text, vision). head_dim 128 and max_position_embeddings 262144 hold for
-# every size (§C8).
+# docs/reference/qwen3-vl.md: #config-values (layers, hidden, heads, KV heads, experts,
+# moe_intermediate_size) and #parameter-counts (text, vision). head_dim 128 and
+# max_position_embeddings 262144 hold for every size.
 _BF16_MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(
         id="Qwen/Qwen3-VL-2B-Instruct",
@@ -359,7 +364,8 @@ _BF16_MODELS: tuple[ModelSpec, ...] = (
 
 
 def _with_fp8(models: tuple[ModelSpec, ...]) -> dict[str, ModelSpec]:
-    """Each bf16 checkpoint plus its `-FP8` sibling (§C8: one for every size, same architecture)."""
+    """Each bf16 checkpoint plus its `-FP8` sibling (one for every size, same architecture:
+    docs/reference/qwen3-vl.md#fp8-checkpoints)."""
     result: dict[str, ModelSpec] = {}
     for spec in models:
         fp8 = dataclasses.replace(spec, id=spec.id + FP8_SUFFIX, fp8=True)

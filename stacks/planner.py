@@ -1,6 +1,7 @@
 """Capacity planner: does a Qwen3-VL deployment fit its node group, and how much KV cache is left?
 
-The arithmetic follows facts §C10 and the vLLM contract (§2.1: TP may span nodes; §5: flags):
+The arithmetic follows docs/reference/qwen3-vl.md#kv-cache-per-token and docs/reference/vllm.md
+(#multi-node-mp: TP may span nodes; #serve-flags: defaults):
 
 - weights per GPU = text bytes / (TP x PP) + vision bytes / TP in "weights" encoder mode, or the
   full vision bytes in "data" mode (the encoder is replicated on every GPU); shares round up.
@@ -25,7 +26,17 @@ from fractions import Fraction
 from types import MappingProxyType
 from typing import Literal, get_args
 
-from stacks.catalog import FP8_SUFFIX, GIB, KIB, MIB, InstanceType, ModelSpec, model_spec
+from stacks.catalog import (
+    FP8_SUFFIX,
+    GIB,
+    KIB,
+    MIB,
+    InstanceType,
+    ModelSpec,
+    instance_type,
+    model_spec,
+)
+from stacks.schema import DeploymentSettings, Settings
 
 KvCacheDtype = Literal["auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2"]
 MmEncoderTpMode = Literal["weights", "data"]
@@ -52,21 +63,23 @@ ACTIVATION_RESERVE_BYTES = 2 * GIB
 """Per-GPU memory held back from the KV cache besides the weights.
 
 vLLM's startup profiling run reserves the activation peak of a max-size batch, CUDA graph memory
-and the multimodal encoder's dummy batch (Qwen3-VL profiles with dummy videos, vllm-contract §7).
+and the multimodal encoder's dummy batch (Qwen3-VL profiles with dummy videos,
+docs/reference/vllm.md#qwen3-vl-in-vllm).
 The real figure is measured at startup and depends on flags; 2 GiB is a conservative fixed
 stand-in so that plans fail here rather than at pod start.
 """
 
 # /dev/shm sizing. NCCL's shared-memory transport and the mp executor's shm broadcast queues
-# (vllm-contract §2.1) live in /dev/shm; Docker's default 64 MiB breaks TP > 1. A lone single-GPU
-# pod needs little (1 GiB); a pod with peers gets 2 GiB per local GPU, 16 GiB for 8 GPUs, in line
-# with the 15-20 GiB the anchors use for TP > 1 (anchors.md §3).
+# (docs/reference/vllm.md#multi-node-mp) live in /dev/shm; Docker's default 64 MiB breaks TP > 1. A
+# lone single-GPU pod needs little (1 GiB); a pod with peers gets 2 GiB per local GPU, 16 GiB for 8
+# GPUs, in line with the 15-20 GiB peers use for TP > 1 (docs/reference/peers.md#shm-too-small).
 SHM_SINGLE_GPU_BYTES = 1 * GIB
 SHM_PER_GPU_BYTES = 2 * GIB
 
 FP8_BLOCK_N = 128
 """FP8 checkpoints quantize weights in 128-wide blocks; a TP shard of an expert must hold whole
-blocks (facts §C9: "FP8 block_n=128 + moe_intermediate_size=1536 -> TP must divide 12")."""
+blocks (FP8 block_n=128 + moe_intermediate_size=1536 -> TP must divide 12:
+docs/reference/qwen3-vl.md#serving-guidance)."""
 
 MAX_MODEL_LEN_STEP = 1024
 
@@ -451,3 +464,29 @@ def _or_join(items: Sequence[object]) -> str:
     if len(words) <= 1:
         return "".join(words)
     return f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def plan_for(settings: Settings, d: DeploymentSettings) -> Plan | None:
+    """The capacity plan of a valid deployment (None when its inputs are invalid)."""
+    request = plan_request(settings, d)
+    return None if request is None else plan(request)[0]
+
+
+def plan_request(settings: Settings, d: DeploymentSettings) -> PlanRequest | None:
+    group = next((g for g in settings.gpu_node_groups if g.name == d.node_group), None)
+    model = model_spec(d.model)
+    instance = instance_type(group.instance_type) if group else None
+    if model is None or instance is None:
+        return None
+    return PlanRequest(
+        model=model,
+        instance=instance,
+        tensor_parallel=d.tensor_parallel,
+        pipeline_parallel=d.pipeline_parallel,
+        nodes_per_group=d.nodes_per_group,
+        max_model_len=d.max_model_len,
+        gpu_memory_utilization=d.gpu_memory_utilization,
+        kv_cache_dtype=d.kv_cache_dtype,
+        mm_encoder_tp_mode=d.mm_encoder_tp_mode,
+        expert_parallel=d.expert_parallel,
+    )

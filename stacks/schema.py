@@ -1,7 +1,7 @@
 """The typed, frozen settings of a stack: one dataclass per config section.
 
 Every field carries its documentation in `setting(...)` metadata; the parser
-(stacks/parse.py), the configuration reference (stacks/docs.py) and the
+(stacks/parse.py), the configuration reference (scripts/config_docs.py) and the
 promotion script all read the schema from here, so it is written once.
 
 Config keys are the camelCase form of the field names (`tensor_parallel` →
@@ -26,7 +26,7 @@ def setting(doc: str, default: Any = _MISSING, *, promotable: bool = False) -> A
 
     `promotable` marks values that describe *what* runs (images, model ids and
     revisions, serving options) as opposed to *how much* runs in a stack (sizes,
-    counts, AZs, domains, secrets); scripts/promote.py copies only the former.
+    counts, AZs, domains, secrets); python -m scripts.promote copies only the former.
     """
     metadata = {"doc": doc, "promotable": promotable}
     if default is _MISSING:

@@ -13,15 +13,63 @@ import ipaddress
 import re
 import secrets
 import string
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from components.alert_rules import build_alert_rules, render_alert_rules
-from components.gateway import GatewayArgs, build_pod_spec, build_start_script
-from components.monitoring import PROMETHEUS_SERVICE
-from components.naming import (
+from components.render.alert_rules import build_alert_rules, render_alert_rules
+from components.render.gateway_pod import GatewayPod, build_pod_spec, build_start_script
+from components.render.nginx_conf import (
+    API_KEYS_FILE,
+    CONF_DIR,
+    CONF_FILE,
+    ENGINE_AUTH_FILE,
+    HEALTH_PATH,
+    NginxPaths,
+    build_nginx_conf_args,
+    render_api_keys_map,
+    render_engine_auth,
+    render_nginx_conf,
+)
+from components.render.redis_conf import (
+    EXPORTER_PASSWORD_ENTRY,
+    EXPORTER_USER,
+    RedisConf,
+    render_redis_conf,
+)
+from components.render.redis_pod import RedisPod
+from components.render.redis_pod import build_pod_spec as redis_pod_spec
+from components.render.scrape_config import (
+    JOB_NGINX,
+    JOB_NODE,
+    JOB_REDIS,
+    JOB_VLLM,
+    NODE,
+    ScrapeTarget,
+    leader_labels,
+    render_prometheus_config,
+)
+from components.render.time_sync import PHC_DEVICE, render_chrony_conf
+from components.render.vllm_command import (
+    LEADER,
+    LWS_LEADER_ADDRESS_ENV,
+    VLLM_EXECUTABLE,
+    WORKER,
+    Role,
+    expand_k8s_vars,
+    resolve_env,
+    served_model_name,
+    spec_for,
+)
+from components.render.vllm_pods import build_pod_template
+from scripts.rehearsal import inventory as inv
+from scripts.rehearsal.layout import Layout
+from scripts.rehearsal.netns import Network, netns_name, plan_network
+from stacks.catalog import instance_type, supports_phc
+from stacks.naming import (
+    BLOCKED_PATHS,
     ENGINE_API_KEY_ENTRY,
     GATEWAY_NAME,
     GATEWAY_PORT,
@@ -34,6 +82,7 @@ from components.naming import (
     NODE_EXPORTER_PORT,
     PASSWORD_LENGTH,
     PROMETHEUS_PORT,
+    PROMETHEUS_SERVICE,
     REDIS_EXPORTER_PORT,
     REDIS_NAME,
     REDIS_PORT,
@@ -43,58 +92,11 @@ from components.naming import (
     lws_name,
     service_host,
 )
-from components.nginx_conf import (
-    API_KEYS_FILE,
-    BLOCKED_PATHS,
-    CONF_DIR,
-    CONF_FILE,
-    ENGINE_AUTH_FILE,
-    HEALTH_PATH,
-    NginxPaths,
-    build_nginx_conf_args,
-    render_api_keys_map,
-    render_engine_auth,
-    render_nginx_conf,
-)
-from components.redis import RedisArgs
-from components.redis import build_pod_spec as redis_pod_spec
-from components.redis_conf import (
-    EXPORTER_PASSWORD_ENTRY,
-    EXPORTER_USER,
-    RedisConf,
-    render_redis_conf,
-)
-from components.scrape_config import (
-    JOB_NGINX,
-    JOB_NODE,
-    JOB_REDIS,
-    JOB_VLLM,
-    NODE,
-    ScrapeTarget,
-    leader_labels,
-    render_prometheus_config,
-)
-from components.time_sync import PHC_DEVICE, render_chrony_conf
-from components.vllm_command import (
-    LEADER,
-    LWS_LEADER_ADDRESS_ENV,
-    VLLM_EXECUTABLE,
-    WORKER,
-    Role,
-    expand_k8s_vars,
-    resolve_env,
-    served_model_name,
-)
-from components.vllm_pods import build_pod_template
-from scripts.rehearsal import inventory as inv
-from scripts.rehearsal.layout import REPO_ROOT, Layout
-from scripts.rehearsal.netns import Network, netns_name, plan_network
-from stacks.catalog import instance_type, supports_phc
-from stacks.engines import spec_for
 from stacks.schema import DeploymentSettings, Settings
 from stacks.settings import stack_file
 
-STANDIN: Final = REPO_ROOT / "scripts" / "engine_standin.py"
+# Run with the venv's interpreter, which finds this checkout through the .pth `make venv` writes.
+STANDIN: Final = (sys.executable, "-m", "scripts.engine_standin")
 # The pods' images set PATH; the rehearsal's processes get the usual one of this machine.
 PROCESS_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Long enough for a 2-core machine to start every rank; short enough that a wrong
@@ -164,7 +166,7 @@ SUBSTITUTIONS: Final[tuple[Substitution, ...]] = (
     Substitution(
         "`vllm` executable",
         "`vllm` in the vLLM image",
-        "`python3 scripts/engine_standin.py --join-timeout S` (then the pod's argv from "
+        "`python -m scripts.engine_standin --join-timeout S` (then the pod's argv from "
         "`serve` on, unchanged)",
         "no GPU: the stand-in checks the flags and forms the group, runs no inference",
     ),
@@ -442,7 +444,7 @@ class Options:
     max_groups: int = 1
     join_timeout: float = DEFAULT_JOIN_TIMEOUT_S
     corruptions: tuple[Corruption, ...] = ()
-    config_hash: str = ""  # stacks.verification.config_hash of the stack file
+    config_hash: str = ""  # scripts.verification.config_hash of the stack file
 
 
 def stack_path(stack: str) -> Path:
@@ -632,17 +634,12 @@ def nginx_argv(settings: Settings, conf: Path) -> tuple[str, ...]:
 
 def gateway_exporter_argv(settings: Settings) -> tuple[str, ...]:
     """The exporter sidecar's args, from the gateway pod spec the cluster gets."""
-    args = GatewayArgs(
-        namespace=settings.serving.namespace,
+    pod = GatewayPod(
         conf=build_nginx_conf_args(settings),
-        replicas=settings.gateway.replicas,
         image=settings.gateway.image,
         exporter_image=settings.gateway.exporter_image,
-        client_api_keys={},
-        engine_api_key="",
-        scheme=settings.gateway.scheme,
     )
-    exporter = _containers(build_pod_spec(args, {}))["exporter"]
+    exporter = _containers(build_pod_spec(pod, {}))["exporter"]
     return ("prometheus-nginx-exporter", *exporter.get("args", []))
 
 
@@ -756,22 +753,8 @@ def _services_files(ctx: _Context) -> list[FileSpec]:
 def redis_containers(settings: Settings, secrets_: RunSecrets) -> dict[str, dict[str, Any]]:
     """The Redis pod's containers as the cluster gets them (by name)."""
     r = settings.redis
-    args = RedisArgs(
-        namespace=settings.serving.namespace,
-        image=r.image,
-        exporter_image=r.exporter_image,
-        maxmemory_mib=r.maxmemory_mib,
-        maxmemory_policy=r.maxmemory_policy,
-        appendfsync=r.appendfsync,
-        volume_gib=r.volume_gib,
-        app_password=secrets_.redis_app_password,
-        exporter_password=secrets_.redis_exporter_password,
-        admin_password=secrets_.redis_admin_password,
-        webui_clients=False,
-        engine_clients=(),
-        protect=False,
-    )
-    return _containers(redis_pod_spec(args))
+    pod = RedisPod(image=r.image, exporter_image=r.exporter_image, maxmemory_mib=r.maxmemory_mib)
+    return _containers(redis_pod_spec(pod))
 
 
 def redis_exporter_env(settings: Settings, secrets_: RunSecrets) -> dict[str, str]:
@@ -986,7 +969,7 @@ def pod_argv(settings: Settings, pod: EnginePod, env: Mapping[str, str]) -> list
 def standin_argv(vllm_argv: Sequence[str], join_timeout: float) -> tuple[str, ...]:
     if vllm_argv[:1] != [VLLM_EXECUTABLE]:
         raise PlanError(f"expected a `{VLLM_EXECUTABLE}` command, got {list(vllm_argv[:2])}")
-    return ("python3", str(STANDIN), "--join-timeout", f"{join_timeout:g}", *vllm_argv[1:])
+    return (*STANDIN, "--join-timeout", f"{join_timeout:g}", *vllm_argv[1:])
 
 
 def corrupt(argv: Sequence[str], c: Corruption) -> list[str]:

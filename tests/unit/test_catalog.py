@@ -1,4 +1,4 @@
-"""Catalog rows against the facts file (/work/shared/reference/aws-efa-qwen-facts.md).
+"""Catalog rows against docs/reference/aws-efa.md and docs/reference/qwen3-vl.md.
 
 Every expected number is written out here, copied from the facts tables.
 """
@@ -25,7 +25,7 @@ def _get(name: str) -> InstanceType:
     return found
 
 
-# --- instance types (facts §A1, §A2, §B) ----------------------------------------------------------
+# --- instance types (docs/reference/aws-efa.md, docs/reference/eks-nodes.md#phc-support) ----------------------------------------------------------
 
 
 def test_p5_48xlarge_matches_facts_table() -> None:
@@ -90,7 +90,7 @@ def test_g_sizes_gpu_counts_and_memory() -> None:
 
 
 def test_efa_capable_gpu_types_match_device_plugin_allow_list() -> None:
-    # §A1 corroboration: the EFA device-plugin chart's allow-list (g sizes 8xlarge..48xlarge,
+    # Corroboration: the EFA device-plugin chart's allow-list (g sizes 8xlarge..48xlarge, (see docs/reference/aws-efa.md#efa-instance-types).
     # p5/p5e/p5en/p6).
     # p4d/p4de are EFA-capable (table) but absent from that list, so they are added by hand.
     allow_list = {
@@ -140,7 +140,7 @@ def test_cpu_types() -> None:
 
 
 def test_phc_by_family() -> None:
-    # §B: M7a, M7g, M7i, R7a, R7g, R7i, I8g, I8ge; no GPU family.
+    # M7a, M7g, M7i, R7a, R7g, R7i, I8g, I8ge; no GPU family (see docs/reference/eks-nodes.md#phc-support).
     assert not any(row.phc for row in INSTANCE_TYPES.values() if row.gpus > 0)
     assert {name for name, row in INSTANCE_TYPES.items() if row.phc} == {
         "m7i.large",
@@ -175,7 +175,7 @@ def test_unknown_instance_type_and_read_only_mapping() -> None:
         INSTANCE_TYPES["x"] = _get("p5.48xlarge")  # type: ignore[index]
 
 
-# --- models (facts §C8, §C10) ---------------------------------------------------------------------
+# --- models (docs/reference/qwen3-vl.md) ---------------------------------------------------------------------
 
 _BASES = (
     "Qwen/Qwen3-VL-2B-Instruct",
@@ -200,7 +200,7 @@ def test_model_ids_include_every_fp8_variant() -> None:
 
 @pytest.mark.parametrize(
     ("model_id", "total"),
-    # §C8 "Parameter counts" total column.
+    # docs/reference/qwen3-vl.md#parameter-counts, the total column.
     [
         ("Qwen/Qwen3-VL-2B-Instruct", 2.128e9),
         ("Qwen/Qwen3-VL-4B-Instruct", 4.438e9),
@@ -217,7 +217,7 @@ def test_params_match_facts_totals(model_id: str, total: float) -> None:
 
 @pytest.mark.parametrize(
     ("model_id", "bf16_bytes_per_token"),
-    # §C10 "bf16 B/token" column (= the 2·L·kv·hd column x 2 bytes).
+    # The bf16 bytes-per-token column (= the 2·L·kv·hd column x 2 bytes) (see docs/reference/qwen3-vl.md#kv-cache-per-token,).
     [
         ("Qwen/Qwen3-VL-2B-Instruct", 114688),
         ("Qwen/Qwen3-VL-4B-Instruct", 147456),
@@ -265,11 +265,11 @@ def test_fp8_variant_shares_architecture() -> None:
 
 
 def test_weight_bytes() -> None:
-    # 2B bf16: 2.128e9 params x 2 = 4.256e9 bytes; the HF repo's model.safetensors is 4.26 GB (§C8).
+    # 2B bf16: 2.128e9 params x 2 = 4.256e9 bytes; the HF repo's model.safetensors is 4.26 GB (docs/reference/qwen3-vl.md#parameter-counts).
     assert _model("Qwen/Qwen3-VL-2B-Instruct").weight_bytes == 4_256_000_000
     assert _model("Qwen/Qwen3-VL-2B-Instruct").weight_bytes == pytest.approx(4.26e9, rel=0.005)
     # 2B FP8: 1,721,000,000 text x 1 + 407,000,000 vision x 2 = 2,535,000,000.
     assert _model("Qwen/Qwen3-VL-2B-Instruct-FP8").weight_bytes == 2_535_000_000
     # 235B FP8: 235,090,000,000 + 2 x 576,000,000 = 236,242,000,000 (the recipe's minimum is 282 GB
-    # of VRAM, §C8).
+    # of VRAM, docs/reference/qwen3-vl.md#parameter-counts).
     assert _model("Qwen/Qwen3-VL-235B-A22B-Instruct-FP8").weight_bytes == 236_242_000_000

@@ -13,16 +13,10 @@ import csv
 import io
 import json
 import random
-import shutil
-import subprocess
-import sys
-import time
 import zlib
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-import httpx
 import numpy
 import pytest
 from PIL import Image
@@ -38,27 +32,12 @@ from scripts.bench import (
 from scripts.bench import options as bench_options
 from scripts.bench import parser as bench_parser
 from scripts.rehearsal import netns
-from tests.local import stop
-from tests.unit.test_gateway_behaviour import (
-    CLIENT_KEYS,
-    ENGINE_KEY,
-    StandIn,
-    free_port,
-    gateway_args,
-    running_gateway,
-    scratch_dir,
-)
-
-ROOT = Path(__file__).resolve().parents[2]
-TOKEN_DELAY = 0.01  # the stand-in's seconds per token in the end-to-end run
+from tests.support.loadtest import outputs
 
 
 def chunk(content: str | None = None, **extra: object) -> bytes:
     delta = {"content": content} if content is not None else {"role": "assistant", "content": ""}
     return b"data: " + json.dumps({"choices": [{"index": 0, "delta": delta}], **extra}).encode()
-
-
-# --------------------------------------------------------------------------- SSE timing
 
 
 def test_sse_events_are_timed_by_the_piece_that_completes_them() -> None:
@@ -110,9 +89,6 @@ def test_usage_of_a_non_streamed_reply() -> None:
     assert lt.completion_tokens(b"<html>") is None
 
 
-# --------------------------------------------------------------------------- percentiles
-
-
 @pytest.mark.parametrize(
     ("values", "expected"),
     [
@@ -134,9 +110,6 @@ def test_percentiles_match_numpy_and_refuse_nonsense() -> None:
     assert lt.percentile([], 50) is None
     with pytest.raises(ValueError, match="outside"):
         lt.percentile([1.0], 101)
-
-
-# --------------------------------------------------------------------------- reports
 
 
 BASE_RECORD = lt.RequestRecord(
@@ -249,21 +222,6 @@ def test_timeline_buckets_by_completion() -> None:
     assert lt.bucket_width(300) == 10.0
 
 
-# --------------------------------------------------------------------------- targets
-
-
-def outputs(url: str | None = "http://gw.example.com", **changes: object) -> dict[str, object]:
-    return {
-        "stack": "prod",
-        "gateway_url": url,
-        "gateway_api_keys": {"default": "k-default", "loadtest": "k-load"},
-        "engines": {
-            "qwen3-vl-2b": {"leader_service_host": "x", "served_model_name": "qwen3-vl-2b"},
-            "qwen3-vl-235b": {"leader_service_host": "y", "served_model_name": "big"},
-        },
-    } | changes
-
-
 def test_cluster_target_from_stack_outputs() -> None:
     target = lt.cluster_target("prod", outputs(), None)
     assert (target.gateway_url, target.api_key_id, target.api_key) == (
@@ -329,32 +287,6 @@ def test_any_other_target_is_refused(url: str) -> None:
 def test_urls_with_more_than_an_origin_are_refused(url: str) -> None:
     with pytest.raises(lt.LoadtestError):
         lt.origin(url)
-
-
-def run_loadtest(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """scripts/loadtest.py as a user runs it: its own process, output captured."""
-    return subprocess.run(
-        [sys.executable, "scripts/loadtest.py", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        check=False,
-    )
-
-
-def test_the_command_refuses_before_sending_anything(tmp_path: Path) -> None:
-    (tmp_path / "outputs.json").write_text(json.dumps(outputs()))
-    out = tmp_path / "out"
-    done = run_loadtest(
-        *("--stack", "prod", "--target", "cluster"),
-        *("--outputs-file", str(tmp_path / "outputs.json")),
-        *("--url", "http://example.org", "--out", str(out)),
-    )
-    assert done.returncode == 2
-    assert "refusing to load http://example.org" in done.stderr
-    assert "Traceback" not in done.stderr
-    assert not out.exists()  # nothing started
 
 
 def test_a_rehearsal_address_is_never_loaded_as_a_cluster() -> None:
@@ -473,9 +405,6 @@ def test_caps_bound_every_run() -> None:
     assert spec.time_limit_s == 1.0 + 30.0 + lt.WORKER_OVERHEAD_S  # duration + grace + start
 
 
-# --------------------------------------------------------------------------- the image
-
-
 @pytest.mark.parametrize(("width", "height"), [(37, 21), (256, 256), (1, 1)])
 def test_generated_image_is_a_valid_png_of_the_requested_size(width: int, height: int) -> None:
     png = lt.make_png(width, height, seed=3)
@@ -497,21 +426,18 @@ def test_image_size_option() -> None:
             lt.parse_size(bad)
 
 
-# --------------------------------------------------------------------------- bench (pure parts)
-
-
 def test_bench_figures_carry_the_command_that_reproduces_them() -> None:
     assert BenchOptions().command(["affinity"]) == (
-        ".venv/bin/python scripts/bench.py --only affinity"
+        ".venv/bin/python -m scripts.bench --only affinity"
     )
     opts = BenchOptions(rounds=2, round_s=3.0, image_size=(64, 64), affinity_s=4.0)
     command = opts.command(["overhead", "streaming", "affinity", "failover"])
     assert command == (
-        ".venv/bin/python scripts/bench.py --rounds 2 --round-seconds 3 --image-size 64x64 "
+        ".venv/bin/python -m scripts.bench --rounds 2 --round-seconds 3 --image-size 64x64 "
         "--affinity-seconds 4"
     )
     # The printed command, parsed again, gives back the options that were measured.
-    assert bench_options(bench_parser().parse_args(command.split()[2:])) == opts
+    assert bench_options(bench_parser().parse_args(command.split()[3:])) == opts
 
 
 def test_failover_counts_from_records_and_access_log() -> None:
@@ -560,102 +486,3 @@ def test_failover_counts_from_records_and_access_log() -> None:
     assert (counts.before, counts.in_flight, counts.after) == (1, 2, 2)
     assert (counts.failed_before_reply, counts.cut, counts.cut_on_victim) == (1, 1, 1)
     assert (counts.retried_elsewhere, counts.after_ok) == (1, 1)
-
-
-# --------------------------------------------------------------------------- a real run
-
-
-@pytest.fixture
-def stand_in() -> Iterator[StandIn]:
-    """The real engine stand-in on loopback, serving model `m1` with the engine key."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "scripts/engine_standin.py",
-            "--token-delay",
-            str(TOKEN_DELAY),
-            "serve",
-            "Qwen/Qwen3-VL-2B-Instruct",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--served-model-name",
-            "m1",
-            "--api-key",
-            ENGINE_KEY,
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, "the stand-in exited"
-            assert time.monotonic() < deadline, "the stand-in did not start"
-            time.sleep(0.05)
-        yield StandIn("alpha-0", f"127.0.0.1:{port}", proc)
-    finally:
-        stop(proc, timeout=10)
-
-
-@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (make debs)")
-def test_a_short_run_through_the_gateway(stand_in: StandIn, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    with (
-        scratch_dir() as directory,
-        running_gateway(gateway_args(str(directory), {"alpha": [stand_in]}), directory) as gw,
-    ):
-        outputs_file = tmp_path / "outputs.json"
-        outputs_file.write_text(
-            json.dumps(
-                {
-                    "stack": "loopback",
-                    "gateway_url": gw.url,
-                    "gateway_api_keys": CLIENT_KEYS,
-                    "engines": {"alpha": {"served_model_name": "m1"}},
-                }
-            )
-        )
-        done = run_loadtest(
-            *("--stack", "loopback", "--target", "cluster"),
-            *("--outputs-file", str(outputs_file), "--url", gw.url),
-            *("--users", "3", "--duration", "3", "--stream-ratio", "0.5"),
-            *("--image-size", "48x32", "--progress-interval", "1", "--out", str(out)),
-            timeout=90,
-        )
-        access = [r for r in gw.log_records() if r["path"] == "/alpha/v1/chat/completions"]
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "[   1.0s] load: users" in done.stdout  # progress while it runs
-    summary = {r["mode"]: r for r in csv.DictReader((out / "summary.csv").open())}
-    assert set(summary) == {"stream", "non-stream", "all"}
-    stream, plain = summary["stream"], summary["non-stream"]
-    for row in (stream, plain):
-        assert row["model"] == "m1"
-        assert int(row["requests"]) > 0
-        assert (row["errors"], row["errors_by_status"]) == ("0", "")
-        assert float(row["e2e_p50_s"]) > 0
-        assert float(row["output_tokens_per_s"]) > 0
-    # The stand-in sleeps TOKEN_DELAY before each token, so TTFT and ITL cannot be shorter.
-    assert float(stream["ttft_p50_s"]) >= TOKEN_DELAY
-    assert TOKEN_DELAY * 0.8 <= float(stream["itl_p50_s"]) <= TOKEN_DELAY * 5
-    assert plain["ttft_p50_s"] == ""  # nothing to time without a stream
-
-    # Every request the tool counted reached the engine through the gateway, with its key.
-    records = lt.read_records(out / "requests.csv")
-    assert {r.request_id for r in records} <= {str(a["request_id"]) for a in access}
-    assert len(access) >= len(records)
-    assert {a["key_id"] for a in access} == {"loadtest"}
-    assert {a["status"] for a in access} == {200}
-    assert all(r.output_tokens > 0 for r in records)
-    with Image.open(out / "chart.png") as chart:
-        assert chart.format == "PNG"
-        assert chart.size[0] > 500

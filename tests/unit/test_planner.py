@@ -1,7 +1,7 @@
 """Planner cases computed by hand (arithmetic in the comments), not with the module's own helpers.
 
 Constants used below: GiB = 1,073,741,824 B; activation reserve 2 GiB = 2,147,483,648 B.
-GPU memory (facts §A1, MiB x 1,048,576): H100 81,920 MiB = 85,899,345,920 B;
+GPU memory (docs/reference/aws-efa.md#efa-instance-types, MiB x 1,048,576): H100 81,920 MiB = 85,899,345,920 B;
 L40S 45,776 MiB = 47,999,614,976 B; L4 22,888 MiB = 23,999,807,488 B.
 """
 
@@ -94,7 +94,7 @@ def test_235b_bf16_on_two_p5_tp8_pp2() -> None:
     assert p.weight_bytes_per_gpu == 29_530_250_000
     # 2 x ceil(94/2) x max(1, 4 // 8) x 128 x 2 = 2 x 47 x 1 x 128 x 2
     assert p.kv_bytes_per_token_per_gpu == 24064
-    # 24,064 x 16 GPUs = 385,024 = 2 x 192,512 (facts §C10 bf16 row: 4 KV heads replicated at TP8)
+    # 24,064 x 16 GPUs = 385,024 = 2 x 192,512 (docs/reference/qwen3-vl.md#kv-cache-per-token, bf16 row: 4 KV heads replicated at TP8)
     assert p.kv_bytes_per_token == 385024
     # floor(85,899,345,920 x 0.9) = 77,309,411,328; - 29,530,250,000 - 2,147,483,648
     assert p.kv_cache_bytes_per_gpu == 45_631_677_680
@@ -111,7 +111,7 @@ def test_2b_on_g6e_xlarge_tp1() -> None:
     assert (p.gpus_per_node, p.gpus_per_group) == (1, 1)
     # 1,721,000,000 x 2 + 407,000,000 x 2 = 3,442,000,000 + 814,000,000
     assert p.weight_bytes_per_gpu == 4_256_000_000
-    # 2 x 28 x 8 x 128 x 2 (facts §C10 2B bf16)
+    # 2 x 28 x 8 x 128 x 2 (docs/reference/qwen3-vl.md#kv-cache-per-token, 2B bf16)
     assert p.kv_bytes_per_token_per_gpu == p.kv_bytes_per_token == 114688
     # floor(47,999,614,976 x 0.9) = floor(43,199,653,478.4) = 43,199,653,478;
     # - 4,256,000,000 - 2,147,483,648
@@ -132,7 +132,7 @@ def test_32b_over_two_g6e_24xlarge_tp4_pp2() -> None:
     assert p.weight_bytes_per_gpu == 8_487_500_000
     # 2 x ceil(64/2) x (8 // 4) x 128 x 2 = 2 x 32 x 2 x 128 x 2
     assert p.kv_bytes_per_token_per_gpu == 32768
-    # 32,768 x 8 = 262,144 = facts §C10 32B bf16 row (8 KV heads, no replication at TP4)
+    # 32,768 x 8 = 262,144 = the 32B bf16 row of docs/reference/qwen3-vl.md#kv-cache-per-token (8 KV heads, no replication at TP4)
     assert p.kv_bytes_per_token == 262144
     # 43,199,653,478 - 8,487,500,000 - 2,147,483,648
     assert p.kv_cache_bytes_per_gpu == 32_564_669_830
@@ -149,7 +149,7 @@ def test_30b_a3b_tp8_replicates_kv_heads() -> None:
     assert p.weight_bytes_per_gpu == 7_767_250_000
     # 2 x 48 x max(1, 4 // 8 = 0) x 128 x 2 = 24,576
     assert p.kv_bytes_per_token_per_gpu == 24576
-    # 24,576 x 8 = 196,608 = 2 x 98,304 (facts §C10 value): each of the 4 KV heads is on 2 GPUs
+    # 24,576 x 8 = 196,608 = 2 x 98,304 (docs/reference/qwen3-vl.md#kv-cache-per-token, value): each of the 4 KV heads is on 2 GPUs
     assert p.kv_bytes_per_token == 2 * 98304
     # 77,309,411,328 - 7,767,250,000 - 2,147,483,648 = 67,394,677,680;
     # // 24,576 = 2,742,296 tokens; // 65,536 = 41 sequences
@@ -165,7 +165,7 @@ def test_fp8_kv_cache_halves_bytes_per_token() -> None:
     assert auto.weight_bytes_per_gpu == fp8.weight_bytes_per_gpu == 17_534_000_000
     # 43,199,653,478 - 17,534,000,000 - 2,147,483,648 = 23,518,169,830
     assert auto.kv_cache_bytes_per_gpu == fp8.kv_cache_bytes_per_gpu == 23_518_169_830
-    # 2 x 36 x 8 x 128 x 2 = 147,456 (§C10 bf16) vs x 1 byte = 73,728 (§C10 fp8)
+    # 2 x 36 x 8 x 128 x 2 = 147,456 (bf16) vs x 1 byte = 73,728 (fp8), docs/reference/qwen3-vl.md#kv-cache-per-token
     assert (auto.kv_bytes_per_token, fp8.kv_bytes_per_token) == (147456, 73728)
     # 23,518,169,830 // 147,456 = 159,492 (4 x 32,768 fit); // 73,728 = 318,985 (9 fit)
     assert (auto.kv_cache_tokens, auto.full_length_sequences) == (159_492, 4)
@@ -213,7 +213,7 @@ def test_single_gpu_pods_in_a_two_node_group_get_per_gpu_shm() -> None:
     assert p.weight_bytes_per_gpu == 4_852_000_000
     # floor(85,899,345,920 x 0.92) = floor(79,027,398,246.4); - 4,852,000,000 - 2,147,483,648
     assert p.kv_cache_bytes_per_gpu == 72_027_914_598
-    # 2 x ceil(36/2) x 8 x 128 x 2 = 73,728 per GPU; x 2 GPUs = 147,456 (§C10 4B bf16)
+    # 2 x ceil(36/2) x 8 x 128 x 2 = 73,728 per GPU; x 2 GPUs = 147,456 (docs/reference/qwen3-vl.md#kv-cache-per-token, 4B bf16)
     assert (p.kv_bytes_per_token_per_gpu, p.kv_bytes_per_token) == (73728, 147456)
     # 72,027,914,598 // 73,728 = 976,941; // 65,536 = 14
     assert (p.kv_cache_tokens, p.full_length_sequences) == (976_941, 14)
@@ -304,13 +304,13 @@ def test_expert_parallel_on_dense_model() -> None:
 
 
 def test_fp8_moe_tp8_needs_expert_parallel() -> None:
-    # facts §C9: moe_intermediate_size 1536 / block_n 128 = 12 → TP must divide 12
+    # Moe_intermediate_size 1536 / block_n 128 = 12 → TP must divide 12 (see docs/reference/qwen3-vl.md#fp8-checkpoints).
     (problem,) = _problems(
         _request("Qwen/Qwen3-VL-235B-A22B-Instruct-FP8", "p5.48xlarge", tp=8, max_len=131072)
     )
     assert (problem.field, problem.value) == ("expertParallel", False)
     assert "TP 8 does not divide 12" in problem.reason
-    # divisors of 12 that also divide 64 heads: 1, 2, 4 ("cap at 4", §C9)
+    # divisors of 12 that also divide 64 heads: 1, 2, 4 ("cap at 4", docs/reference/qwen3-vl.md#serving-guidance)
     assert "set expertParallel to true" in problem.reason
     assert "tensorParallel 1, 2 or 4" in problem.reason
     # 30B-A3B-FP8: 768 / 128 = 6 → TP4 fails as well; divisors of 6 that divide 32 heads: 1, 2

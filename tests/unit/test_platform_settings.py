@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
+from program.platform import gpu_shutdown_grace_seconds
 from stacks.parse import SettingsError
-from stacks.platform import gpu_shutdown_grace_seconds
 from stacks.settings import load_stack_file
-from tests.unit.platform_checks import config_key, stack_variant
+from tests.support.platform_checks import config_key, stack_variant
 
 Edit = Callable[[dict[str, Any]], None]
 

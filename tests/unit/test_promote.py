@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from scripts.promote import main
+from scripts.verification import Result, new_record, write_record
 from stacks.settings import ROOT, load_stack_file
-from stacks.verification import Result, new_record, write_record
 
 NEW_REVISION = "1111111111111111111111111111111111111111"
 OLD_REVISION = "89644892e4d85e24eaac8bacfd4f463576704203"

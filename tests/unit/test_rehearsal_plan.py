@@ -9,45 +9,22 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from components.nginx_conf import build_nginx_conf_args, render_nginx_conf
-from components.redis_conf import RedisConf, render_redis_conf
-from components.time_sync import render_chrony_conf
-from components.vllm_command import WORKER, build_vllm_command
-from components.vllm_pods import build_pod_template
+from components.render.nginx_conf import build_nginx_conf_args, render_nginx_conf
+from components.render.redis_conf import RedisConf, render_redis_conf
+from components.render.time_sync import render_chrony_conf
+from components.render.vllm_command import WORKER
+from components.render.vllm_pods import build_pod_template
+from program.engines import spec_for
 from scripts.rehearsal import inventory as inv
 from scripts.rehearsal import plan as P
-from stacks.engines import spec_for
-from stacks.schema import Settings
-from stacks.settings import load_stack_file, stack_file
 from tests.infra.probes import _address
-
-ROOT = Path(__file__).resolve().parents[2]
-STATE = Path("/srv/rehearsal")
-LAYOUT = P.Layout(STATE)
-
-
-def settings_of(stack: str) -> Settings:
-    return load_stack_file(stack_file(stack))
-
-
-def plan_of(
-    stack: str, max_groups: int = 1, corruptions: tuple[P.Corruption, ...] = ()
-) -> tuple[P.RehearsalPlan, P.RunSecrets, Settings]:
-    settings = settings_of(stack)
-    secrets = P.generate_secrets(settings)
-    options = P.Options(run=stack, layout=LAYOUT, max_groups=max_groups, corruptions=corruptions)
-    return P.plan_rehearsal(settings, secrets, options), secrets, settings
+from tests.support.rehearsal_plan import LAYOUT, STATE, plan_of, settings_of
 
 
 def changed_lines(cluster: str, rehearsal: str) -> list[str]:
@@ -62,106 +39,6 @@ def file_text(plan: P.RehearsalPlan, path: Path) -> str:
 
 def process(plan: P.RehearsalPlan, name: str) -> P.ProcessSpec:
     return next(p for p in plan.processes if p.name == name)
-
-
-# --------------------------------------------------------------------------- the table
-
-
-def test_the_docs_print_the_substitution_table() -> None:
-    docs = (ROOT / "docs" / "rehearsal.md").read_text()
-    assert P.substitution_table() in docs
-
-
-def test_rehearse_prints_the_same_table() -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "rehearse.py"), "substitutions"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert result.stdout == P.substitution_table()
-
-
-# --------------------------------------------------------------------------- user mistakes
-
-
-def rehearse(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "rehearse.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
-    )
-
-
-def test_an_unknown_stack_is_one_message(tmp_path: Path) -> None:
-    result = rehearse("--stack", "nosuch", "--state-dir", str(tmp_path))
-    assert result.returncode == 1
-    assert result.stderr == (
-        f"rehearse: {ROOT}/Pulumi.nosuch.yaml: 1 configuration problem(s):\n"
-        "  - file: no such stack file\n"
-    )
-
-
-def test_an_invalid_stack_file_names_the_setting(tmp_path: Path) -> None:
-    bad = tmp_path / "Pulumi.bad.yaml"
-    bad.write_text("config:\n  qwen-vl-serving:region: 12\n")
-    result = rehearse("--stack", str(bad), "--state-dir", str(tmp_path / "state"))
-    assert result.returncode == 1
-    assert result.stderr.startswith(f"rehearse: {bad}: ")
-    assert "  - serving: required" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def test_down_with_nothing_to_do(tmp_path: Path) -> None:
-    result = rehearse("down", "--state-dir", str(tmp_path / "none"))
-    if os.geteuid() == 0:
-        assert (result.returncode, result.stdout) == (
-            0,
-            f"nothing to tear down in {tmp_path}/none\n",
-        )
-    else:
-        assert result.returncode == 1
-        assert (
-            result.stderr
-            == "rehearse: the rehearsal needs root (network namespaces, ip netns exec)\n"
-        )
-
-
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="drops root")
-@pytest.mark.parametrize("command", ["status", "down"])
-def test_status_and_down_as_another_user_say_root_is_needed(command: str) -> None:
-    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    result = subprocess.run(
-        [*nobody, sys.executable, str(ROOT / "scripts" / "rehearse.py"), command],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 1
-    assert (
-        result.stderr == "rehearse: the rehearsal needs root (network namespaces, ip netns exec)\n"
-    )
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="up checks for root before it looks for `ip`")
-def test_up_without_ip_on_path_is_one_message(tmp_path: Path) -> None:
-    empty = tmp_path / "bin"
-    empty.mkdir()
-    with tempfile.TemporaryDirectory(prefix="qvr-noip-") as parent:
-        Path(parent).chmod(0o755)  # nginx's user must reach the state dir (pytest's is 0700)
-        state = Path(parent) / "state"
-        result = rehearse("--stack", "dev", "--state-dir", str(state), env={"PATH": str(empty)})
-        assert not state.exists()
-    assert result.returncode == 1
-    assert result.stderr == "rehearse: `ip` is not on PATH: install iproute2 (`make debs`)\n"
-
-
-# --------------------------------------------------------------------------- gateway
 
 
 @pytest.mark.parametrize("stack", ["dev", "staging", "prod"])
@@ -229,29 +106,6 @@ def test_the_gateway_includes_carry_this_runs_keys() -> None:
     assert auth == f'proxy_set_header Authorization "Bearer {secrets.engine_api_key}";\n'
 
 
-# --------------------------------------------------------------------------- engines
-
-
-@pytest.mark.parametrize("stack", ["dev", "staging", "prod"])
-def test_engine_argv_is_the_builders_command_with_the_stand_in(stack: str) -> None:
-    plan, _, settings = plan_of(stack)
-    ns = settings.serving.namespace
-    engines = [p for p in plan.processes if p.pod is not None]
-    assert engines
-    for proc in engines:
-        pod = next(p for p in P.engine_pods(settings, 1) if p.name == proc.pod)
-        master = f"{pod.deployment.name}-{pod.group}.{pod.deployment.name}.{ns}"
-        expected = build_vllm_command(
-            pod.deployment,
-            pod.role,
-            rank=pod.rank if pod.role == WORKER else None,
-            master_addr=master,
-        )
-        assert proc.argv[:4] == ("python3", str(P.STANDIN), "--join-timeout", "30")
-        assert list(proc.argv[4:]) == expected[1:]
-        assert expected[0] == "vllm"
-
-
 def test_engine_env_is_the_pods_env_with_the_documented_values() -> None:
     plan, secrets, settings = plan_of("staging")
     d = settings.deployment("qwen3-vl-32b")
@@ -306,9 +160,6 @@ def test_a_corruption_replaces_one_flag_of_one_pod() -> None:
 def test_bad_corruptions_are_refused(hook: str, message: str) -> None:
     with pytest.raises(P.PlanError, match=re.escape(message)):
         plan_of("staging", corruptions=(P.Corruption.parse(hook),))
-
-
-# --------------------------------------------------------------------------- services, nodes
 
 
 def test_redis_conf_differs_only_in_its_data_directory() -> None:
@@ -391,32 +242,6 @@ def test_hosts_answer_to_the_clusters_names() -> None:
         "monitoring-prometheus.monitoring.svc.cluster.local",
     )
     assert names["gateway-0"] == ("gateway-0", "gateway.qwen-vl.svc.cluster.local")
-
-
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
-def test_promtool_accepts_the_rehearsal_prometheus_config(tmp_path: Path) -> None:
-    layout = P.Layout(tmp_path)
-    settings = settings_of("staging")
-    plan = P.plan_rehearsal(
-        settings, P.generate_secrets(settings), P.Options(run="staging", layout=layout)
-    )
-    for spec in plan.files:
-        if spec.path.parent == P.prometheus_dir(layout):
-            spec.path.parent.mkdir(parents=True, exist_ok=True)
-            spec.path.write_text(spec.text)
-    config = P.prometheus_dir(layout) / "prometheus.yml"
-    result = subprocess.run(
-        ["promtool", "check", "config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 1 rule files found" in result.stdout + result.stderr
-
-
-# --------------------------------------------------------------------------- inventory
 
 
 def test_the_inventory_gives_each_host_its_roles() -> None:

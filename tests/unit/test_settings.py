@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,17 +10,12 @@ from typing import Any
 import pytest
 import yaml
 
-from stacks import check, docs
+from scripts import check
+from scripts import config_docs as docs
 from stacks.parse import SettingsError
 from stacks.schema import Secret
 from stacks.settings import ROOT, build, load_stack_file
-
-NS = "qwen-vl-serving:"
-Config = dict[str, Any]
-
-
-def stack_config(stack: str) -> Config:
-    return yaml.safe_load((ROOT / f"Pulumi.{stack}.yaml").read_text())["config"]
+from tests.support.settings import NS, Config, stack_config
 
 
 def problems_of(stack: str, mutate: Callable[[Config], None]) -> str:
@@ -35,10 +28,6 @@ def problems_of(stack: str, mutate: Callable[[Config], None]) -> str:
 
 def dep(config: Config, i: int) -> dict[str, Any]:
     return config[NS + "serving"]["deployments"][i]
-
-
-def group(config: Config, i: int) -> dict[str, Any]:
-    return config[NS + "gpuNodeGroups"][i]
 
 
 def setter(*path: Any, value: Any) -> Callable[[Config], None]:
@@ -449,39 +438,6 @@ def test_check_command_prints_plan_and_exits_zero(capsys: pytest.CaptureFixture[
     assert "g6e.24xlarge x 2" in out
     assert "4 x 2" in out
     assert "Pulumi.staging.yaml: valid" in out
-
-
-def test_check_command_lists_every_problem_and_exits_one(tmp_path: Path) -> None:
-    config = stack_config("dev")
-    config[NS + "gateway"]["replicas"] = "two"
-    config[NS + "serving"]["deployments"][0]["maxModelLen"] = "long"
-    bad = tmp_path / "Pulumi.bad.yaml"
-    bad.write_text(yaml.safe_dump({"config": config}))
-    result = subprocess.run(
-        [sys.executable, "-m", "stacks.check", str(bad)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 1
-    assert "gateway.replicas=two: must be an integer" in result.stderr
-    assert "serving.deployments[0].maxModelLen=long: must be an integer" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def test_check_command_has_help() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "stacks.check", "--help"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0
-    assert "capacity plan" in result.stdout
 
 
 def test_configuration_reference_matches_the_schema() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stacks.verification import (
+from scripts.verification import (
     RecordError,
     VerificationRecord,
     config_hash,

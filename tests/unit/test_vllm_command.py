@@ -4,50 +4,39 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import pytest
 
-from components.naming import LWS_WORKER_INDEX_LABEL, engine_secret_name, leader_address
-from components.vllm_command import (
-    FLAG_TABLE_FILE,
+from components.render.vllm_command import (
     LEADER,
     WORKER,
     EngineSpec,
     Role,
     build_vllm_command,
     build_vllm_env,
-    check_extra_args,
     efa_env,
     engine_flags,
-    engine_spec,
     expand_k8s_vars,
-    flag_spec,
-    known_vllm_flags,
-    parse_version,
     resolve_env,
 )
 from stacks.catalog import InstanceType, instance_type
-from stacks.rules import plan_for
-from stacks.schema import Settings, WeightsSettings
-from stacks.settings import ROOT, load_stack_file
+from stacks.naming import LWS_WORKER_INDEX_LABEL, leader_address
+from stacks.schema import WeightsSettings
+from stacks.settings import ROOT
+from stacks.vllm_flags import (
+    FLAG_TABLE_FILE,
+    check_extra_args,
+    flag_spec,
+    known_vllm_flags,
+    parse_version,
+)
+from tests.support.engines import settings_of, spec_of
 
 # shared/ sits beside the repository, here (/work) and in CI's clone alike
 REFERENCE_TSV = ROOT.parent / "shared" / "reference" / "vllm-serve-options.tsv"
+
+
 WORKER_INDEX_FIELD = f"metadata.labels['{LWS_WORKER_INDEX_LABEL}']"
-
-
-def settings_of(stack: str) -> Settings:
-    return load_stack_file(ROOT / f"Pulumi.{stack}.yaml")
-
-
-def spec_of(stack: str, deployment: str) -> EngineSpec:
-    settings = settings_of(stack)
-    d = settings.deployment(deployment)
-    plan = plan_for(settings, d)
-    assert plan is not None
-    return engine_spec(settings, d, plan, engine_secret_name(d.name))
 
 
 def flags_of(argv: list[str]) -> dict[str, str | None]:
@@ -78,16 +67,13 @@ def pod_env(spec: EngineSpec, role: Role, rank: int) -> dict[str, str]:
     return resolve_env(build_vllm_env(spec, role), injected, fields)
 
 
-# --- the flag table -------------------------------------------------------------------------------
-
-
 @pytest.mark.skipif(not REFERENCE_TSV.exists(), reason="shared reference not mounted")
 def test_flag_table_is_the_reference_dump() -> None:
     assert FLAG_TABLE_FILE.read_bytes() == REFERENCE_TSV.read_bytes()
 
 
 def test_flag_table_knows_aliases_and_dests() -> None:
-    # vllm-contract §2.1 / §5: -tp and -pp are aliases, --nnodes defaults to 1, master port 29501
+    # -tp and -pp are aliases, --nnodes defaults to 1, master port 29501 (see docs/reference/vllm.md#serve-flags).
     assert flag_spec("-tp") == flag_spec("--tensor-parallel-size")
     assert flag_spec("--pipeline_parallel_size") == flag_spec("-pp")
     nnodes = flag_spec("--nnodes")
@@ -98,7 +84,7 @@ def test_flag_table_knows_aliases_and_dests() -> None:
     assert port is not None
     assert port.default == "29501"
     assert flag_spec("--limit-mm-per-prompt.video") == flag_spec("--limit-mm-per-prompt")
-    # rejected by 0.33's parser (vllm-contract §8)
+    # rejected by 0.33's parser (docs/reference/vllm.md#removed-flags)
     for removed in ("--worker-use-ray", "--disable-mm-preprocessor-cache", "--task", "--device"):
         assert removed not in known_vllm_flags()
     # the contract counts 320 options
@@ -141,9 +127,6 @@ def test_builder_flags_are_the_ones_extra_args_may_not_repeat() -> None:
         flags = [t for t in argv if t.startswith("-")]
         problems = check_extra_args(flags)
         assert [p.token for p in problems] == flags
-
-
-# --- multi-node command lines ---------------------------------------------------------------------
 
 
 def test_prod_235b_leader_command() -> None:
@@ -264,9 +247,6 @@ def test_extra_args_come_last_on_every_rank() -> None:
     assert engine_flags(d) == engine_flags(dataclasses.replace(d, extra_args=()))
 
 
-# --- extraArgs checks -----------------------------------------------------------------------------
-
-
 def test_extra_args_unknown_flag_suggests_the_closest_real_one() -> None:
     [problem] = check_extra_args(["--max-num-seq", "64"])
     assert problem.index == 0
@@ -320,9 +300,6 @@ def test_extra_args_real_flags_and_values_pass() -> None:
     assert "expected a flag" in problem.reason
 
 
-# --- environment ----------------------------------------------------------------------------------
-
-
 def test_env_of_the_multi_node_leader_and_worker() -> None:
     spec = spec_of("prod", "qwen3-vl-235b")
     leader, worker = env_of(build_vllm_env(spec, LEADER)), env_of(build_vllm_env(spec, WORKER))
@@ -373,7 +350,7 @@ def test_kv_offload_redis_wires_lmcache_into_every_rank() -> None:
     ranks: list[tuple[Role, int]] = [(LEADER, 0), (WORKER, 1)]
     for role, rank in ranks:
         flags = flags_of(build_vllm_command(spec.deployment, role))
-        # the LMCache connector as vLLM names it (vllm-contract §5, production-stack in anchors)
+        # the LMCache connector as vLLM names it (docs/reference/vllm.md#kv-transfer, docs/reference/peers.md#lmcache-settings)
         assert json.loads(flags["--kv-transfer-config"] or "") == {
             "kv_connector": "LMCacheConnectorV1",
             "kv_role": "kv_both",
@@ -466,12 +443,3 @@ def test_expand_k8s_vars_follows_kubelet_rules() -> None:
     assert expand_k8s_vars("--a=$(A)", env) == "--a=x"
     assert expand_k8s_vars("$$(A)", env) == "$(A)"  # escaped
     assert expand_k8s_vars("$(MISSING)", env) == "$(MISSING)"  # undefined stays literal
-
-
-def test_pure_builders_import_without_pulumi() -> None:
-    code = (
-        "import sys, components.vllm_pods, components.vllm_command;"
-        "bad = [m for m in sys.modules if m.split('.')[0].startswith('pulumi')];"
-        "assert not bad, bad"
-    )
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

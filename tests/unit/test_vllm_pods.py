@@ -7,7 +7,14 @@ from typing import Any
 
 import pytest
 
-from components.naming import (
+from components.render.vllm_command import EngineSpec
+from components.render.vllm_pods import (
+    EXCLUSIVE_TOPOLOGY_ANNOTATION,
+    build_leader_service,
+    build_lws,
+    quantity,
+)
+from stacks.naming import (
     EFA_LABEL,
     EFA_RESOURCE,
     GPU_RESOURCE,
@@ -17,34 +24,14 @@ from components.naming import (
     LWS_WORKER_INDEX_LABEL,
     NODE_GROUP_LABEL,
 )
-from components.vllm_command import EngineSpec
-from components.vllm_pods import (
-    EXCLUSIVE_TOPOLOGY_ANNOTATION,
-    build_leader_service,
-    build_lws,
-    quantity,
-)
 from stacks.schema import WeightsSettings
-from tests.unit.test_vllm_command import spec_of
+from tests.support.engines import container, pod_templates, spec_of
 
 GIB = 2**30
 
 
-def pod_templates(lws: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Pod templates by role (a one-pod group has only the template LWS runs as its leader)."""
-    lwt = lws["spec"]["leaderWorkerTemplate"]
-    if "leaderTemplate" in lwt:
-        return {"leader": lwt["leaderTemplate"], "worker": lwt["workerTemplate"]}
-    return {"leader": lwt["workerTemplate"]}
-
-
 def templates(spec: EngineSpec) -> dict[str, dict[str, Any]]:
     return pod_templates(build_lws(spec))
-
-
-def container(template: dict[str, Any]) -> dict[str, Any]:
-    [only] = template["spec"]["containers"]
-    return only
 
 
 def volume(template: dict[str, Any], name: str) -> dict[str, Any]:

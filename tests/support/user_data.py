@@ -1,0 +1,14 @@
+"""Helpers shared by the user_data tests of several layers."""
+
+from __future__ import annotations
+
+import base64
+
+from components.render.node_user_data import NodeUserDataArgs, render_node_user_data
+from tests.support.platform_checks import (
+    decode_user_data,
+)
+
+
+def parts_of(args: NodeUserDataArgs) -> dict[str, str]:
+    return decode_user_data(base64.b64encode(render_node_user_data(args).encode()).decode())

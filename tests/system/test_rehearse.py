@@ -1,0 +1,273 @@
+"""The offline rehearsal end to end: bring up dev and staging, verify them, tear them down.
+
+Each test runs the real `python -m scripts.rehearse` and `python -m scripts.verify` as a user would, in
+its own state directory and with its own run id (so a rehearsal someone else runs on the
+machine is never touched), and asserts that teardown leaves nothing behind: no namespace,
+no /etc/netns entry, no process, no child of this test. The negative cases corrupt one
+worker's command line through the rehearsal's documented test hook (`--corrupt`) and
+expect the rehearsal to fail with a message naming the pod and the flag.
+
+This test process makes itself a child subreaper: the detached rehearsal outlives the
+`rehearse.py` that started it, and PID 1 on this machine does not reap orphans.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from scripts.rehearsal import netns
+from scripts.rehearsal.plan import PROCESS_PATH
+from scripts.rehearsal.runner import PROGRAMS
+
+ROOT = Path(__file__).resolve().parents[2]
+REHEARSE = [sys.executable, "-m", "scripts.rehearse"]
+VERIFY = [sys.executable, "-m", "scripts.verify"]
+UP_TIMEOUT_S = 120.0
+VERIFY_TIMEOUT_S = 300.0
+PR_SET_CHILD_SUBREAPER = 36
+
+missing = [p for p in PROGRAMS if shutil.which(p, path=PROCESS_PATH) is None]
+pytestmark = [
+    pytest.mark.rehearsal,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the rehearsal needs root"),
+    pytest.mark.skipif(bool(missing), reason=f"missing programs (make debs): {missing}"),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def subreaper() -> Iterator[None]:
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    yield
+    reap_children()
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def reap_children() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def children() -> list[int]:
+    """Pids whose parent is this test process (zombies included)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if int(text[text.rindex(")") + 2 :].split()[1]) == os.getpid():
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.fixture
+def state_parent() -> Iterator[Path]:
+    """A scratch directory nginx's unprivileged user can reach (pytest's tmp_path is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="qvr-ci-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One rehearsal of this module: its run id and state directory."""
+
+    stack: str
+    state_dir: Path
+
+    @property
+    def run(self) -> str:
+        return f"ci{os.getpid()}-{self.stack}"
+
+    def args(self, *extra: str) -> list[str]:
+        return ["--state-dir", str(self.state_dir), "--run", self.run, *extra]
+
+    def namespaces(self) -> list[str]:
+        return netns.list_namespaces(f"qvr-{self.run}-")
+
+    def etc_dirs(self) -> list[Path]:
+        return sorted(netns.NETNS_ETC.glob(f"qvr-{self.run}-*"))
+
+    def recorded_pids(self) -> list[int]:
+        state = json.loads((self.state_dir / "state.json").read_text())
+        return [p["pid"] for p in state["processes"]]
+
+
+def assert_nothing_left(run: Run, pids: list[int]) -> None:
+    reap_children()
+    assert run.namespaces() == []
+    assert run.etc_dirs() == []
+    assert [pid for pid in pids if Path(f"/proc/{pid}").exists()] == []
+    assert children() == []
+    assert not (run.state_dir / "state.json").exists()
+    assert not (run.state_dir / "secrets.json").exists()
+    assert not (run.state_dir / "hosts").exists()
+
+
+def read_until(proc: subprocess.Popen[bytes], marker: str, timeout: float) -> str:
+    """The process's output up to and including `marker` (bounded in time).
+
+    Raw reads on the pipe: a buffered reader could hold the marker while select() says
+    there is nothing more to read.
+    """
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while marker.encode() not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 1.0)
+        chunk = os.read(fd, 65536) if ready else b""
+        if ready and not chunk:
+            break  # the process closed its output: it has exited
+        seen += chunk
+    text = seen.decode(errors="replace")
+    if marker not in text:
+        pytest.fail(f"no {marker!r} within {timeout:g} s:\n{text}")
+    return text
+
+
+def verify(run: Run, record_dir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*VERIFY, "--stack", run.stack, *run.args()[:2], "--record-dir", str(record_dir)],
+        capture_output=True,
+        text=True,
+        timeout=VERIFY_TIMEOUT_S,
+        check=False,
+    )
+
+
+def assert_verified(run: Run, result: subprocess.CompletedProcess[str], record_dir: Path) -> None:
+    assert result.returncode == 0, result.stdout + result.stderr
+    record = json.loads((record_dir / f"{run.stack}.json").read_text())
+    assert record["result"] == "passed"
+    assert record["target"] == "rehearsal"
+    assert record["stack"] == run.stack
+
+
+def test_dev_comes_up_verifies_and_ctrl_c_tears_it_down(tmp_path: Path, state_parent: Path) -> None:
+    run = Run("dev", state_parent / "state")
+    proc = subprocess.Popen(
+        [*REHEARSE, "--stack", "dev", *run.args()],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    pids: list[int] = []
+    try:
+        output = read_until(proc, "Up in", UP_TIMEOUT_S)
+        pids = run.recorded_pids()
+        assert "engine leader" in output
+        assert "synchronised to 10.231.0.1" in output  # the time server is the first host
+        assert "API key (default)" in output
+        assert len(run.namespaces()) == 5  # bridge, time server, gateway, services, engine
+        result = verify(run, tmp_path)
+        assert_verified(run, result, tmp_path)
+        for host in ("gateway-0", "services", "qwen3-vl-2b-0"):
+            assert host in result.stdout
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=60)[0].decode(errors="replace")
+    assert proc.returncode == 0, rest
+    assert "torn down: no namespace, process or file left" in rest
+    assert_nothing_left(run, pids)
+
+
+def test_staging_detached_multi_node_group_verifies_and_down_removes_it(
+    tmp_path: Path, state_parent: Path
+) -> None:
+    run = Run("staging", state_parent / "state")
+    up = subprocess.run(
+        [*REHEARSE, "--stack", "staging", "--detach", *run.args()],
+        capture_output=True,
+        text=True,
+        timeout=UP_TIMEOUT_S,
+        check=False,
+    )
+    pids = run.recorded_pids() if (run.state_dir / "state.json").exists() else []
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "engine worker rank 1       ready joined its leader (:29501)" in up.stdout
+        status = subprocess.run(
+            [*REHEARSE, "status", *run.args()],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert status.returncode == 0, status.stdout
+        assert f"{len(pids)}/{len(pids)} processes running" in status.stdout
+        # A second rehearsal with the same run id must not start, let alone tear this one down.
+        twin = Run("staging", state_parent / "twin")
+        clash = subprocess.run(
+            [*REHEARSE, "--stack", "staging", "--state-dir", str(twin.state_dir), "--run", run.run],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert clash.returncode == 1
+        assert f"already exist: another rehearsal uses run id '{run.run}'" in clash.stderr
+        result = verify(run, tmp_path)
+        assert_verified(run, result, tmp_path)
+        assert "qwen3-vl-32b-0-1" in result.stdout  # the worker's host was checked
+    finally:
+        down = subprocess.run(
+            [*REHEARSE, "down", *run.args()],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert_nothing_left(run, pids)
+
+
+@pytest.mark.parametrize(
+    ("corruption", "message"),
+    [
+        (
+            "--master-port=29999",
+            "cannot reach --master-addr qwen3-vl-32b-0.qwen3-vl-32b.qwen-vl --master-port 29999",
+        ),
+        ("--node-rank=2", "--node-rank 2 must satisfy 0 <= node_rank < --nnodes 2"),
+    ],
+)
+def test_a_corrupted_worker_fails_the_rehearsal_naming_pod_and_flag(
+    state_parent: Path, corruption: str, message: str
+) -> None:
+    run = Run("staging", state_parent / "state")
+    pod = "qwen3-vl-32b-0-1"
+    hook = f"{pod}:{corruption}"
+    result = subprocess.run(
+        [*REHEARSE, "--stack", "staging", *run.args("--join-timeout", "5", "--corrupt", hook)],
+        capture_output=True,
+        text=True,
+        timeout=UP_TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    failure = result.stdout[result.stdout.index("rehearse: ") :]
+    assert f"pod {pod} (engine worker rank 1) exited with status 1" in failure
+    assert message in failure
+    assert f"corrupted: {corruption.replace('=', ' ')}" in result.stdout
+    assert_nothing_left(run, [])
