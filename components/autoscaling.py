@@ -200,9 +200,9 @@ class Autoscaling(pulumi.ComponentResource):
             f"{name}-{KEDA}",
             k8s.helm.v3.ReleaseArgs(
                 name=KEDA,
-                chart=chart.chart,
+                chart=chart.reference,
                 version=chart.version,
-                repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=chart.repo),
+                repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=chart.repository),
                 namespace=namespace.metadata.name,
                 values=build_keda_values(),
             ),

@@ -196,13 +196,13 @@ class ClusterAddons(pulumi.ComponentResource):
         values: pulumi.Input[Mapping[str, Any]],
     ) -> k8s.helm.v3.Release:
         chart = helm_chart(key)
-        repo = k8s.helm.v3.RepositoryOptsArgs(repo=chart.repo) if chart.repo else None
+        repo = k8s.helm.v3.RepositoryOptsArgs(repo=chart.repository) if chart.repository else None
         return k8s.helm.v3.Release(
             f"{name}-{key}",
             k8s.helm.v3.ReleaseArgs(
                 # A fixed release name keeps object names stable (the DCGM Service is found by it).
                 name=RELEASE_NAMES.get(key, key),
-                chart=chart.chart,
+                chart=chart.reference,
                 version=chart.version,
                 repository_opts=repo,
                 namespace=namespace,

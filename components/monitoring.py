@@ -388,9 +388,9 @@ class Monitoring(pulumi.ComponentResource):
             f"{name}-{KUBE_PROMETHEUS_STACK}",
             k8s.helm.v3.ReleaseArgs(
                 name=RELEASE_NAME,
-                chart=chart.chart,
+                chart=chart.reference,
                 version=chart.version,
-                repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=chart.repo),
+                repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=chart.repository),
                 namespace=namespace.metadata.name,
                 values=build_stack_values(args.values),
                 # The CRDs and the admission webhook must be up before the monitors are created.

@@ -64,10 +64,10 @@ def test_release_chart_pinned_from_the_versions_table(run: StackRun, name: str) 
     key, namespace = RELEASES[name]
     inputs = release(run, name)
     chart = HELM_CHARTS[key]
-    assert inputs["chart"] == chart.chart
+    assert inputs["chart"] == chart.reference
     assert inputs["version"] == chart.version
     assert inputs["namespace"] == namespace
-    assert inputs.get("repositoryOpts", {}).get("repo") == chart.repo
+    assert inputs.get("repositoryOpts", {}).get("repo") == chart.repository
     assert inputs["createNamespace"] is (namespace != "kube-system")
 
 

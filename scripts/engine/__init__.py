@@ -1,0 +1,1 @@
+"""The real vLLM engine (CPU build) on a tiny random Qwen3-VL: install, model, launch."""
