@@ -2,8 +2,9 @@
 
     python -m scripts.check Pulumi.dev.yaml        (or: make check STACK=dev)
 
-Exit status 0 when the file is valid (warnings are printed but do not fail),
-1 with every problem listed when it is not. Run it in pull requests before any
+Exit status 0 when the file is valid, 1 with every problem listed when it is not. Warnings
+(placeholder digests and revisions) are printed; in a prod stack they fail the check, as prod
+cannot be deployed with them. Run it in pull requests before any
 preview: it needs no cloud account and no Pulumi CLI.
 """
 
@@ -76,8 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     print(summary(settings))
     print()
     print(capacity(settings))
-    for w in warnings(settings):
+    found = warnings(settings)
+    for w in found:
         print(f"warning: {w}", file=sys.stderr)
+    if found and settings.environment == "prod":
+        print(f"\n{path.name}: valid, but not deployable: {len(found)} placeholder(s)")
+        return 1
     print(f"\n{path.name}: valid")
     return 0
 

@@ -57,8 +57,8 @@ def warnings(s: Settings) -> list[Problem]:
     found = [
         Problem(
             path,
-            "placeholder digest: resolve it (`crane digest IMAGE`) or promote from "
-            "the previous stack before deploying",
+            f"placeholder digest: pin it with `python -m scripts.pin --stack {s.stack}` "
+            "or promote from the previous stack before deploying",
             image,
         )
         for path, image in images(s)

@@ -507,3 +507,15 @@ def test_lmcache_pinned_memory_counts_against_the_engine_pod() -> None:
     message = problems_of("dev", lambda c: offload(c, on=True))
     assert "serving.deployments[0].shmSizeGib=2:" in message
     assert "plus LMCache's 5 GiB of pinned memory" in message
+
+
+def test_check_fails_prod_on_placeholders_naming_the_pin_tool(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The committed prod file carries all-zero digests (written without registry access)."""
+    assert check.main(["prod"]) == 1
+    captured = capsys.readouterr()
+    assert "not deployable" in captured.out
+    placeholder_lines = [line for line in captured.err.splitlines() if "placeholder digest" in line]
+    assert len(placeholder_lines) == 5  # vllm, gateway + exporter, redis + exporter (webui off)
+    assert all("python -m scripts.pin --stack prod" in line for line in placeholder_lines)
