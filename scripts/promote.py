@@ -24,7 +24,6 @@ import copy
 import dataclasses
 import difflib
 import functools
-import io
 import sys
 import tempfile
 import typing
@@ -33,11 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
-from ruamel.yaml.error import YAMLError
 
-from scripts.affected_stacks import stacks_in
+from scripts.stack_document import dump_document, load_document
 from scripts.verification import RecordError, unverified_reason
 from stacks.parse import SettingsError, schema_fields
 from stacks.schema import DERIVED_FIELDS, PROJECT, Secret, Settings, default_of
@@ -57,46 +54,6 @@ class Promotion:
 
     changes: list[str] = field(default_factory=list)  # key paths whose DST value changed
     notes: list[str] = field(default_factory=list)  # unmatched list items, for the human
-
-
-def _yaml() -> YAML:
-    # Matches the committed stack files so an untouched file round-trips byte for byte.
-    y = YAML()
-    y.preserve_quotes = True
-    y.width = 4096  # never fold the long image@sha256 lines
-    y.indent(mapping=2, sequence=4, offset=2)
-    # A promoted default of None reads `key: null`, not a bare `key:`.
-    y.representer.add_representer(type(None), _represent_null)
-    return y
-
-
-def _represent_null(representer: Any, _: None) -> Any:
-    return representer.represent_scalar("tag:yaml.org,2002:null", "null")
-
-
-def load_document(path: Path) -> CommentedMap:
-    try:
-        document = _yaml().load(path.read_text())
-    except FileNotFoundError:
-        known = ", ".join(stacks_in(path.parent)) if path.parent.is_dir() else ""
-        raise PromotionError(
-            f"{path}: no such stack file (stacks there: {known or 'none'})"
-        ) from None
-    except OSError as err:  # a directory, or a file this user may not read
-        raise PromotionError(f"{path}: {err.strerror}") from None
-    except YAMLError as err:
-        raise PromotionError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(document, CommentedMap) or not isinstance(
-        document.get("config"), CommentedMap
-    ):
-        raise PromotionError(f"{path}: the file has no `config:` mapping")
-    return document
-
-
-def dump_document(document: CommentedMap) -> str:
-    out = io.StringIO()
-    _yaml().dump(document, out)
-    return out.getvalue()
 
 
 def promote(src: CommentedMap, dst: CommentedMap) -> Promotion:
@@ -281,7 +238,10 @@ def run(src: str, dst: str, *, root: Path, check: bool, dry_run: bool) -> int:
     if src == dst:
         raise PromotionError(f"source and destination are both {src}")
     src_file, dst_file = root / f"Pulumi.{src}.yaml", root / f"Pulumi.{dst}.yaml"
-    src_doc, dst_doc = load_document(src_file), load_document(dst_file)
+    src_doc, dst_doc = (
+        load_document(src_file, PromotionError),
+        load_document(dst_file, PromotionError),
+    )
     if not check:
         _check_source(src, src_file, root)
     before = dst_file.read_text()

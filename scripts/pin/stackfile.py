@@ -7,7 +7,6 @@ file. The file is edited with ruamel.yaml round-trip: comments, order and quotin
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import tempfile
@@ -17,12 +16,11 @@ from dataclasses import dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
-from ruamel.yaml.error import YAMLError
 from ruamel.yaml.scalarstring import ScalarString
 
 from scripts.pin.registry import PinError, Resolver, parse_ref
+from scripts.stack_document import dump_document, load_document
 from stacks.parse import schema_fields
 from stacks.schema import DERIVED_FIELDS, PROJECT, Settings
 
@@ -64,37 +62,6 @@ def stack_path(stack: str, root: Path = ROOT) -> Path:
             f"no stack {stack!r}: {path} does not exist (stacks: {', '.join(known) or 'none'})"
         )
     return path
-
-
-def _yaml() -> YAML:
-    # The settings of scripts/promote.py: an untouched stack file round-trips byte for byte.
-    y = YAML()
-    y.preserve_quotes = True
-    y.width = 4096  # never fold the long image@sha256 lines
-    y.indent(mapping=2, sequence=4, offset=2)
-    return y
-
-
-def load(path: Path) -> CommentedMap:
-    try:
-        document = _yaml().load(path.read_text())
-    except FileNotFoundError:
-        raise PinError(f"{path}: no such file") from None
-    except OSError as err:  # a directory, or a file this user may not read
-        raise PinError(f"{path}: {err.strerror}") from None
-    except YAMLError as err:
-        raise PinError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(document, CommentedMap) or not isinstance(
-        document.get("config"), CommentedMap
-    ):
-        raise PinError(f"{path}: not a Pulumi stack file (no `config:` mapping)")
-    return document
-
-
-def dump(document: CommentedMap) -> str:
-    out = io.StringIO()
-    _yaml().dump(document, out)
-    return out.getvalue()
 
 
 def image_settings(config: MutableMapping[str, Any]) -> list[ImageSetting]:
@@ -142,7 +109,7 @@ def _is_section(tp: Any) -> bool:
 
 def pin(path: Path, resolver: Resolver) -> list[str]:
     """Pin every image of the file; all resolved or nothing written. Returns report lines."""
-    document = load(path)
+    document = load_document(path, PinError)
     settings = _settings_of(path, document)
     pinned: dict[str, str] = {}
     problems: list[str] = []
@@ -159,7 +126,7 @@ def pin(path: Path, resolver: Resolver) -> list[str]:
     for s in changed:
         s.parent[s.key] = _same_style(s.parent[s.key], pinned[s.path])
     if changed:
-        write_atomic(path, dump(document))
+        write_atomic(path, dump_document(document))
     lines.append(f"{path.name}: {len(changed)} of {len(settings)} image(s) changed")
     return lines
 
@@ -175,7 +142,7 @@ def _same_style(old: Any, new: str) -> Any:
 
 def verify(path: Path, resolver: Resolver, fix: str) -> list[str]:
     """Check every pin against the registry; every problem is reported, then raised."""
-    settings = _settings_of(path, load(path))
+    settings = _settings_of(path, load_document(path, PinError))
     lines: list[str] = []
     problems: list[str] = []
     for s in settings:

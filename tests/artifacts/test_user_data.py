@@ -18,17 +18,12 @@ from tests.support.platform_checks import (
     run_chronyd_parse,
     run_cloud_init_schema,
 )
-from tests.support.user_data import parts_of
+from tests.support.user_data import NODES, parts_of
 
 AWS_PHC_LINE = "refclock PHC /dev/ptp_ena poll 0 delay 0.000010 prefer"
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(NodeUserDataArgs(phc=False, shutdown_grace_seconds=75), id="gpu-node"),
-        pytest.param(NodeUserDataArgs(phc=True, shutdown_grace_seconds=60), id="phc-node"),
-    ]
-)
+@pytest.fixture(params=NODES, ids=["gpu-node", "phc-node"])
 def args(request: pytest.FixtureRequest) -> NodeUserDataArgs:
     return request.param
 

@@ -313,7 +313,7 @@ def test_missing_file_and_unknown_stack(tmp_path: Path) -> None:
     for done in (missing, unknown):
         assert done.returncode == 1
         assert_no_traceback(done)
-    assert "no such file" in missing.stderr
+    assert "no such stack file" in missing.stderr
     assert "no stack 'nope'" in unknown.stderr
     assert "stacks: dev, prod, staging" in unknown.stderr
 

@@ -10,7 +10,8 @@ from scripts.pin.registry import (
     _token_query,
     parse_ref,
 )
-from scripts.pin.stackfile import ROOT, dump, image_settings, load
+from scripts.pin.stackfile import ROOT, image_settings
+from scripts.stack_document import dump_document, load_document
 from stacks.rules.common import images
 from stacks.settings import load_stack_file
 from tests.support.pin import PROD, PROD_IMAGE_KEYS, ZEROS
@@ -19,11 +20,11 @@ from tests.support.pin import PROD, PROD_IMAGE_KEYS, ZEROS
 @pytest.mark.parametrize("stack_name", ["dev", "staging", "prod"])
 def test_untouched_stack_files_round_trip_byte_for_byte(stack_name: str) -> None:
     path = ROOT / f"Pulumi.{stack_name}.yaml"
-    assert dump(load(path)) == path.read_text()
+    assert dump_document(load_document(path, ValueError)) == path.read_text()
 
 
 def test_image_keys_come_from_the_schema() -> None:
-    found = [s.path for s in image_settings(load(PROD)["config"])]
+    found = [s.path for s in image_settings(load_document(PROD, ValueError)["config"])]
     assert found == PROD_IMAGE_KEYS
     # Everything the prod digest rule checks is pinned (webui and redis may be disabled there).
     assert {path for path, _ in images(load_stack_file(PROD))} <= set(found)

@@ -9,15 +9,10 @@ from tests.support.platform_checks import (
     cloud_config,
     node_config,
 )
-from tests.support.user_data import parts_of
+from tests.support.user_data import NODES, parts_of
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(NodeUserDataArgs(phc=False, shutdown_grace_seconds=75), id="gpu-node"),
-        pytest.param(NodeUserDataArgs(phc=True, shutdown_grace_seconds=60), id="phc-node"),
-    ]
-)
+@pytest.fixture(params=NODES, ids=["gpu-node", "phc-node"])
 def args(request: pytest.FixtureRequest) -> NodeUserDataArgs:
     return request.param
 
