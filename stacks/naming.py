@@ -176,8 +176,6 @@ BLOCKED_PATHS: Final = (
     "/v1/load_lora_adapter",
     "/v1/unload_lora_adapter",
 )
-
-
 # First path segments the gateway answers itself or refuses: /<deployment>/v1/ would clash.
 RESERVED_ROUTE_NAMES: Final = frozenset(
     {"v1", "healthz", "chat", "generate"} | {path.split("/")[1] for path in BLOCKED_PATHS}
@@ -186,13 +184,10 @@ RESERVED_ROUTE_NAMES: Final = frozenset(
 
 # HTTP header names nginx exposes as $http_<name> (no underscores: nginx drops those).
 HEADER_NAME: Final = re.compile(r"^[A-Za-z0-9]+(-[A-Za-z0-9]+)*$")
-
-
+# API key ids become nginx map keys and Prometheus label values: DNS-label shaped.
 KEY_ID: Final = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
 # fullnameOverride: the chart names its objects "<this>-prometheus", "<this>-operator", ...
 MONITORING_FULLNAME: Final = "monitoring"
-
-
 PROMETHEUS_SERVICE: Final = f"{MONITORING_FULLNAME}-prometheus"

@@ -171,7 +171,7 @@ def _suggestion(name: str) -> str:
     close = difflib.get_close_matches(name, longs, n=1, cutoff=0.6)
     if close:
         return f"did you mean {close[0]}?"
-    return f"the real ones are listed in components/data/{FLAG_TABLE_FILE.name}"
+    return f"the real ones are listed in stacks/data/{FLAG_TABLE_FILE.name}"
 
 
 def parse_version(text: str) -> tuple[int, ...] | None:
