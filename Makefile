@@ -148,10 +148,10 @@ test-program: $(VENV_STAMP)
 test-artifacts: venv debs nginx-chroot charts
 	$(PYTHON) -m pytest -q tests/artifacts
 
-test-system: venv debs
+test-system: venv debs engine
 	$(PYTHON) -m pytest -q tests/system
 
-test: venv debs nginx-chroot charts lint typecheck
+test: venv debs nginx-chroot charts engine lint typecheck
 	@echo "==> pytest (unit, program, artifacts, system)"
 	$(PYTHON) -m pytest -q tests/unit tests/program tests/artifacts tests/system
 
@@ -164,7 +164,7 @@ docs: $(VENV_STAMP)
 	mv docs/CONFIG.md.tmp docs/CONFIG.md
 
 # The rehearsal runs the Debian packages' daemons: `debs` installs any that are missing.
-rehearse: $(VENV_STAMP) debs
+rehearse: $(VENV_STAMP) debs engine
 	$(PYTHON) -m scripts.rehearse --stack $(STACK)
 
 rehearse-down: $(VENV_STAMP)

@@ -19,7 +19,6 @@ import pulumi_kubernetes as k8s
 
 from components.eks_cluster import OidcIssuer, ServiceAccount, create_irsa_role
 from components.render.eks_spec import build_cluster_autoscaler_policy
-from stacks.catalog import INSTANCE_TYPES
 from stacks.naming import (
     DCGM_EXPORTER_NAME,
     DCGM_EXPORTER_NAMESPACE,
@@ -28,7 +27,6 @@ from stacks.naming import (
     GPU_ROLE,
     GPU_TAINT_EFFECT,
     GPU_TAINT_KEY,
-    INSTANCE_TYPE_LABEL,
     LWS_NAMESPACE,
     NODE_ROLE_LABEL,
     SYSTEM_NAMESPACE,
@@ -83,19 +81,19 @@ def build_nvidia_device_plugin_values() -> dict[str, Any]:
 
 
 def build_efa_device_plugin_values() -> dict[str, Any]:
-    """The chart tolerates only CriticalAddonsOnly, so without the GPU toleration it
-    never runs on GPU nodes and pods asking for vpc.amazonaws.com/efa stay Pending.
+    """The chart's DaemonSet tolerates only CriticalAddonsOnly (its template writes that one
+    itself), so without the GPU toleration it never runs on GPU nodes and pods asking for
+    vpc.amazonaws.com/efa stay Pending. Our EFA label picks the nodes.
 
-    The chart also requires the node's instance type to be in `supportedInstanceLabels`, whose
-    default list at the pinned version has no p4d/p4de, types the catalog lets an EFA
-    group use. Every EFA type of the catalog replaces it; our EFA label still picks the nodes.
+    The chart also requires the node's instance type to be in `supportedInstanceLabels`; its
+    default list at the pinned version already has every EFA type of the catalog (p4d, p4de,
+    p5, p5e, p5en, p6 and the g5/g6/g6e sizes with EFA), so it is left alone: the rendered
+    DaemonSet is checked against the catalog in tests/artifacts/test_helm_releases.py.
     Chart facts: docs/reference/aws-efa.md#efa-device-plugin.
     """
-    efa_types = sorted(name for name, t in INSTANCE_TYPES.items() if t.efa_supported)
     return {
         "nodeSelector": {EFA_LABEL: "true"},
-        "tolerations": [dict(GPU_TOLERATION), dict(CRITICAL_ADDONS_TOLERATION)],
-        "supportedInstanceLabels": {"keys": [INSTANCE_TYPE_LABEL], "values": efa_types},
+        "tolerations": [dict(GPU_TOLERATION)],
     }
 
 

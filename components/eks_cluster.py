@@ -18,6 +18,7 @@ from components.render.eks_spec import (
     NODE_POLICIES,
     OIDC_AUDIENCE,
     access_policy_arn,
+    build_addon_configuration,
     build_irsa_trust_policy,
     build_service_assume_role_policy,
     managed_policy_arn,
@@ -319,12 +320,16 @@ class EksCluster(pulumi.ComponentResource):
         created: list[pulumi.Resource] = []
         for addon in addons:
             role_arn = self._create_ebs_csi_role(name).arn if addon == EBS_CSI_DRIVER else None
+            version = self._args.addon_versions[addon]
+            # vpc-cni: {"enableNetworkPolicy": "true"}, or the NetworkPolicies are not enforced
+            configuration = build_addon_configuration(addon, version)
             created.append(
                 aws.eks.Addon(
                     f"{name}-{addon}",
                     cluster_name=self.name,
                     addon_name=addon,
-                    addon_version=self._args.addon_versions[addon],
+                    addon_version=version,
+                    configuration_values=json.dumps(configuration) if configuration else None,
                     # The add-on owns its objects: a field edited by hand is reset, not a failure.
                     resolve_conflicts_on_create="OVERWRITE",
                     resolve_conflicts_on_update="OVERWRITE",

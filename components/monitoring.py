@@ -87,6 +87,8 @@ RETENTION_SIZE_SHARE: Final = 0.85
 # prometheus-node-exporter's pod label (its chart name); set explicitly so it cannot drift.
 NODE_EXPORTER_NAME: Final = "prometheus-node-exporter"
 SYSTEM_NODES: Final[Mapping[str, str]] = system_node_selector()
+# kube-prometheus-stack's values keys of control-plane components EKS manages (and hides).
+EKS_MANAGED_COMPONENTS: Final = ("kubeControllerManager", "kubeScheduler", "kubeEtcd")
 
 
 def prometheus_url() -> str:
@@ -139,6 +141,11 @@ def build_stack_values(v: StackValuesInput) -> dict[str, Any]:
             # the node group, the restart alert on the LeaderWorkerSet name.
             "metricLabelsAllowlist": [f"nodes=[{NODE_GROUP_LABEL}]", f"pods=[{LWS_NAME_LABEL}]"],
         },
+        # EKS runs the control plane: kube-controller-manager, kube-scheduler and etcd are not
+        # reachable from the cluster, so the chart's default monitors for them would find no
+        # target and their *Down alerts would fire forever. Off, with their Services, rules and
+        # dashboards (tests/artifacts/test_helm_releases.py checks the rendered chart).
+        **{component: {"enabled": False} for component in EKS_MANAGED_COMPONENTS},
         "prometheus-node-exporter": {
             "nameOverride": NODE_EXPORTER_NAME,
             # Clock offset matters most on the tainted GPU nodes: run on every node.

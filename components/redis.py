@@ -18,6 +18,7 @@ from typing import cast
 import pulumi
 import pulumi_kubernetes as k8s
 
+from components.render.network_policies import build_redis_policy
 from components.render.redis_conf import (
     ADMIN_PASSWORD_ENTRY,
     APP_USER,
@@ -39,13 +40,7 @@ from components.render.redis_pod import (
 )
 from stacks.naming import (
     COMPONENT_LABEL,
-    DEPLOYMENT_LABEL,
-    ENGINE_COMPONENT,
-    MONITORING_NAMESPACE,
     NAME_LABEL,
-    NAMESPACE_NAME_LABEL,
-    PROMETHEUS_POD_LABELS,
-    REDIS_CLIENT_LABEL,
     REDIS_CONFIG_SECRET,
     REDIS_EXPORTER_PORT,
     REDIS_NAME,
@@ -53,7 +48,6 @@ from stacks.naming import (
     REDIS_SECRET,
     STORAGE_PROVISIONER,
     TYPE_PREFIX,
-    WEBUI_NAME,
     common_labels,
 )
 
@@ -73,6 +67,7 @@ class RedisArgs:
     webui_clients: bool  # admit the web UI's pods
     engine_clients: Sequence[str]  # deployments whose engines use Redis as LMCache's backend
     protect: bool  # keep the StatefulSet and the EBS volume when Pulumi deletes them
+    monitoring: bool = True  # admit the monitoring namespace's Prometheus to the exporter
 
     def pod(self) -> RedisPod:
         return RedisPod(
@@ -197,14 +192,22 @@ class Redis(pulumi.ComponentResource):
             },
             opts=kept,
         )
+        # Built by the namespace's policy renderer (components/render/network_policies.py), which
+        # also writes the policies of Redis's clients; registered here so its URN stays put.
+        rendered = build_redis_policy(
+            "",  # the namespace is the Output below
+            webui_clients=args.webui_clients,
+            engine_clients=args.engine_clients,
+            monitoring=args.monitoring,
+        )
         k8s.networking.v1.NetworkPolicy(
             f"{name}-ingress",
-            metadata={"name": REDIS_NAME, "namespace": args.namespace, "labels": labels},
-            spec={
-                "pod_selector": {"match_labels": selector},
-                "policy_types": ["Ingress"],
-                "ingress": _ingress(args),
+            metadata={
+                "name": rendered["metadata"]["name"],
+                "namespace": args.namespace,
+                "labels": labels,
             },
+            spec=rendered["spec"],
             opts=child,
         )
 
@@ -238,35 +241,3 @@ def gp3_storage_class(
         allow_volume_expansion=True,
         opts=opts,
     )
-
-
-def _ingress(args: RedisArgs) -> list[k8s.networking.v1.NetworkPolicyIngressRuleArgsDict]:
-    """Clients to the Redis port; the monitoring namespace's Prometheus to the exporter."""
-    clients: list[k8s.networking.v1.NetworkPolicyPeerArgsDict] = [
-        {"pod_selector": {"match_labels": {REDIS_CLIENT_LABEL: "true"}}}
-    ]
-    if args.webui_clients:
-        clients.append({"pod_selector": {"match_labels": {NAME_LABEL: WEBUI_NAME}}})
-    if args.engine_clients:
-        clients.append(
-            {
-                "pod_selector": {
-                    "match_labels": {COMPONENT_LABEL: ENGINE_COMPONENT},
-                    "match_expressions": [
-                        {
-                            "key": DEPLOYMENT_LABEL,
-                            "operator": "In",
-                            "values": sorted(args.engine_clients),
-                        }
-                    ],
-                }
-            }
-        )
-    prometheus: k8s.networking.v1.NetworkPolicyPeerArgsDict = {
-        "namespace_selector": {"match_labels": {NAMESPACE_NAME_LABEL: MONITORING_NAMESPACE}},
-        "pod_selector": {"match_labels": dict(PROMETHEUS_POD_LABELS)},
-    }
-    return [
-        {"from_": clients, "ports": [{"protocol": "TCP", "port": REDIS_PORT}]},
-        {"from_": [prometheus], "ports": [{"protocol": "TCP", "port": REDIS_EXPORTER_PORT}]},
-    ]

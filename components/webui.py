@@ -24,6 +24,7 @@ from stacks.naming import (
     COMPONENT_LABEL,
     NAME_LABEL,
     TYPE_PREFIX,
+    WEBUI_COMPONENT,
     WEBUI_NAME,
     WEBUI_PORT,
     WEBUI_SECRET,
@@ -31,7 +32,7 @@ from stacks.naming import (
     system_node_selector,
 )
 
-COMPONENT = "chat-ui"
+COMPONENT = WEBUI_COMPONENT
 DATA_DIR = "/app/backend/data"  # the image's DATA_DIR: SQLite database, uploads, caches
 PORT_NAME = "http"
 LB_PORT = 80

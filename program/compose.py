@@ -13,6 +13,7 @@ from typing import Any
 from program.data import build_data, build_webui, data_outputs, webui_outputs
 from program.engines import build_engines
 from program.gateway import build_gateway
+from program.isolation import build_isolation
 from program.observability import build_observability
 from program.platform import build_platform
 from program.secrets import build_secrets
@@ -25,6 +26,8 @@ def compose(settings: Settings) -> dict[str, Any]:
     secrets = build_secrets(settings)
     platform = build_platform(settings)
     outputs.update(platform.outputs)
+    # Before the workloads: their pods start inside the default-deny and its allow rules.
+    build_isolation(settings, platform)
     data = build_data(settings, platform, secrets)
     outputs.update(data_outputs(data))
     engines = build_engines(settings, platform, secrets, data.component if data else None)

@@ -14,6 +14,7 @@ from typing import Any
 import pulumi
 
 from components.redis import Redis, RedisArgs
+from components.render.network_policies import redis_engine_clients
 from components.render.redis_conf import APP_USER, build_key_scheme, redis_url
 from components.webui import WebUi, WebUiArgs
 from program.platform import Platform, stack_tags
@@ -86,7 +87,8 @@ def build_data(settings: Settings, platform: Platform, secrets: StackSecrets) ->
         exporter_password=secrets.redis_exporter_password,
         admin_password=secrets.redis_admin_password,
         webui_clients=settings.webui.enabled,
-        engine_clients=tuple(d.name for d in settings.serving.deployments if d.kv_offload_redis),
+        engine_clients=redis_engine_clients(settings),
+        monitoring=settings.monitoring.enabled,
         protect=settings.protect,
     )
     redis = Redis(REDIS_NAME, args, opts=platform.opts(depends_on=list(platform.node_groups)))

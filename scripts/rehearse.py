@@ -1,7 +1,8 @@
 """Run a stack's data plane on this machine: the offline rehearsal.
 
 `rehearse.py --stack dev` brings up, in network namespaces, the gateway (nginx), the
-engines (a CPU stand-in for `vllm serve`, given each pod's exact command line and env),
+engines (the real vLLM CPU engine on a tiny Qwen3-VL, or with --engine standin a CPU
+stand-in for `vllm serve`, given each pod's command line and env),
 Redis, Prometheus with the alert rules, the exporters and chronyd on every simulated
 node, all from the configs the cluster gets (docs/rehearsal.md lists every difference).
 It prints progress, then the endpoints, and runs until Ctrl-C (or, with --detach,
@@ -27,7 +28,9 @@ from typing import Final, NoReturn, TextIO
 from scripts.rehearsal import netns, runner
 from scripts.rehearsal.layout import DEFAULT_STATE_DIR
 from scripts.rehearsal.plan import (
+    DEFAULT_ENGINE_TIMEOUT_S,
     DEFAULT_JOIN_TIMEOUT_S,
+    ENGINE_KINDS,
     Corruption,
     Endpoint,
     Layout,
@@ -39,6 +42,12 @@ from scripts.rehearsal.plan import (
     plan_rehearsal,
     stack_path,
     substitution_table,
+)
+from scripts.rehearsal.real_engine import (
+    DEFAULT_DISTRIBUTED_TIMEOUT_S,
+    DEFAULT_MODEL,
+    DEFAULT_VLLM,
+    RealEngine,
 )
 from scripts.verification import config_hash
 from stacks.schema import Settings
@@ -106,11 +115,36 @@ def parser() -> argparse.ArgumentParser:
         help=f"seconds each stage may take to come up (default {DEFAULT_TIMEOUT_S:g})",
     )
     p.add_argument(
+        "--engine",
+        choices=ENGINE_KINDS,
+        default="real",
+        help="real (default): the vLLM CPU engine (`make engine`) on a tiny Qwen3-VL, from "
+        "the pods' command lines with the listed CPU substitutions; standin: the CPU "
+        "stand-in (scripts/engine_standin.py), no inference, starts in a second",
+    )
+    p.add_argument(
+        "--engine-timeout",
+        type=float,
+        default=DEFAULT_ENGINE_TIMEOUT_S,
+        help="seconds a real engine (group) may take to be ready "
+        f"(default {DEFAULT_ENGINE_TIMEOUT_S:g})",
+    )
+    p.add_argument(
+        "--vllm", type=Path, default=DEFAULT_VLLM, help=f"the real engine (default {DEFAULT_VLLM})"
+    )
+    p.add_argument(
+        "--model-dir",
+        type=Path,
+        default=DEFAULT_MODEL,
+        help=f"the model the real engines serve (default {DEFAULT_MODEL})",
+    )
+    p.add_argument(
         "--join-timeout",
         type=float,
-        default=DEFAULT_JOIN_TIMEOUT_S,
-        help="seconds an engine group may take to form (the stand-in's --join-timeout; "
-        f"default {DEFAULT_JOIN_TIMEOUT_S:g})",
+        default=None,
+        help="seconds an engine group may take to form: the real engine's "
+        f"--distributed-timeout-seconds (default {DEFAULT_DISTRIBUTED_TIMEOUT_S:g}), the "
+        f"stand-in's --join-timeout (default {DEFAULT_JOIN_TIMEOUT_S:g})",
     )
     p.add_argument(
         "--corrupt",
@@ -168,16 +202,29 @@ def up(args: argparse.Namespace, layout: Layout) -> int:
         )
     corruptions = tuple(Corruption.parse(c) for c in args.corrupt)
     secrets_ = generate_secrets(settings)
+    real = RealEngine(
+        vllm=args.vllm.resolve(),
+        model=args.model_dir.resolve(),
+        distributed_timeout_s=args.join_timeout or DEFAULT_DISTRIBUTED_TIMEOUT_S,
+    )
     options = Options(
         run=run_id(settings, args.run),
         layout=layout,
         max_groups=args.max_groups,
-        join_timeout=args.join_timeout,
+        join_timeout=args.join_timeout or DEFAULT_JOIN_TIMEOUT_S,
         corruptions=corruptions,
         config_hash=config_hash(path),
+        engine=args.engine,
+        real=real,
+        engine_timeout=args.engine_timeout,
     )
     plan = plan_rehearsal(settings, secrets_, options)
     runner.preflight(layout.state_dir)
+    if args.engine == "real" and real.missing():
+        raise PlanError(
+            f"the real engine is not installed: missing {', '.join(real.missing())} "
+            "(run `make engine`, or rehearse with --engine standin)"
+        )
     runner.check_namespaces_free(plan)
     # Logs of an earlier failed run (kept for reading) would be appended to.
     shutil.rmtree(netns.log_dir(netns.State(layout.state_file)), ignore_errors=True)

@@ -147,6 +147,13 @@ STORAGE_PROVISIONER: Final = "ebs.csi.aws.com"
 NAMESPACE_NAME_LABEL: Final = "kubernetes.io/metadata.name"  # set by Kubernetes on namespaces
 # prometheus-operator labels the Prometheus pods it runs with this name.
 PROMETHEUS_POD_LABELS: Final = {NAME_LABEL: "prometheus"}
+# The web UI's component label (components/webui.py); NetworkPolicies select its pods by it.
+WEBUI_COMPONENT: Final = "chat-ui"
+# CoreDNS of EKS (the managed add-on) keeps the kube-dns label its pods always had.
+KUBE_DNS_POD_LABELS: Final = {"k8s-app": "kube-dns"}
+DNS_PORT: Final = 53
+# The model store (S3, the Hugging Face Hub) is reached over HTTPS.
+HTTPS_PORT: Final = 443
 
 
 # The EKS node group API refuses labels in these domains and their subdomains (e.g.

@@ -223,6 +223,17 @@ class DeploymentSettings:
     shutdown_timeout_seconds: int = setting(
         "--shutdown-timeout: drain time for in-flight requests on SIGTERM.", 45, promotable=True
     )
+    execute_model_timeout_seconds: int = setting(
+        "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS: a model step (all ranks) that takes longer fails "
+        "the engine, which then exits so LWS recreates the group (a hung rank). vLLM's "
+        "default is 300.",
+        60,
+    )
+    rendezvous_timeout_seconds: int = setting(
+        "Multi-node: how long each worker pod's rendezvous pre-check waits for the leader's "
+        "--master-addr:--master-port before failing with a message naming them.",
+        600,
+    )
     extra_args: tuple[str, ...] = setting(
         "Extra `vllm serve` flags (checked against vLLM 0.33's real flags).", (), promotable=True
     )

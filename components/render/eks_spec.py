@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final
 
+from stacks.versions import VPC_CNI, addon_semver
+
 IAM_VERSION: Final = "2012-10-17"
 OIDC_AUDIENCE: Final = "sts.amazonaws.com"
 ADMIN_ACCESS_POLICY: Final = "AmazonEKSClusterAdminPolicy"
@@ -171,3 +173,24 @@ def build_kubeconfig(
             }
         ],
     }
+
+
+# The VPC CNI enforces Kubernetes NetworkPolicy only when its add-on configuration says so
+# (docs/reference/eks-network-policy.md); its network policy agent ships from v1.14.0 on.
+VPC_CNI_NETWORK_POLICY_SINCE: Final = (1, 14, 0)
+VPC_CNI_CONFIGURATION: Final = {"enableNetworkPolicy": "true"}
+
+
+def build_addon_configuration(addon: str, version: str) -> dict[str, str] | None:
+    """The `configurationValues` of a managed add-on (None: the add-on's defaults).
+
+    vpc-cni: NetworkPolicy enforcement on. A pin older than the first release with the network
+    policy agent is refused here rather than sent to EKS, where the key would be rejected or,
+    worse, the policies silently not enforced.
+    """
+    if addon != VPC_CNI:
+        return None
+    if addon_semver(version) < VPC_CNI_NETWORK_POLICY_SINCE:
+        since = ".".join(str(p) for p in VPC_CNI_NETWORK_POLICY_SINCE)
+        raise ValueError(f"vpc-cni {version} cannot enforce NetworkPolicy (needs v{since}+)")
+    return dict(VPC_CNI_CONFIGURATION)

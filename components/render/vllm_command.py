@@ -227,6 +227,17 @@ def _multi_node_flags(
     return flags
 
 
+def rendezvous_target(argv: Sequence[str]) -> tuple[str, str]:
+    """(--master-addr, --master-port) of a multi-node argv, as written (maybe `$(MASTER_ADDR)`)."""
+
+    def value(flag: str) -> str:
+        if flag not in argv[:-1]:
+            raise ValueError(f"{flag} is not in this command line (a single-node engine?)")
+        return argv[list(argv).index(flag) + 1]
+
+    return value("--master-addr"), value("--master-port")
+
+
 def _worker_rank(rank: int | None) -> str:
     return f"$({NODE_RANK_ENV})" if rank is None else str(rank)
 
@@ -262,6 +273,10 @@ def build_vllm_env(spec: EngineSpec, role: Role = LEADER) -> list[EnvVar]:
         _value("VLLM_CACHE_ROOT", VLLM_CACHE_PATH),
         # vLLM's 600 s engine start budget is shorter than a big load; match the startup probe
         _value("VLLM_ENGINE_READY_TIMEOUT_S", str(startup_budget_seconds(d))),
+        # A model step that outlasts this fails the engine and the leader's server exits: the
+        # way out for a hung rank under load; vLLM's default is 300 s
+        # (docs/engines.md#failure-modes, docs/reference/vllm.md#execute-model-timeout).
+        _value("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", str(d.execute_model_timeout_seconds)),
         # vLLM recipes for Qwen3-VL (docs/reference/qwen3-vl.md#serving-guidance): one OpenMP thread
         # per process
         _value("OMP_NUM_THREADS", "1"),

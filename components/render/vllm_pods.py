@@ -19,6 +19,8 @@ from components.render.vllm_command import (
     Role,
     build_vllm_command,
     build_vllm_env,
+    rendezvous_target,
+    served_model_name,
     startup_budget_seconds,
 )
 from stacks.catalog import GIB, MIB
@@ -62,10 +64,132 @@ EFA_HUGEPAGES_REQUEST: Final = "5120Mi"
 # dead; /v1/models would need the key (docs/reference/vllm.md#open-paths).
 PROBE_PERIOD_SECONDS: Final = 10
 PROBE_TIMEOUT_SECONDS: Final = 5
-READINESS_FAILURES: Final = 3
 LIVENESS_PERIOD_SECONDS: Final = 15
 LIVENESS_TIMEOUT_SECONDS: Final = 10
 LIVENESS_FAILURES: Final = 4
+# Readiness is the group check (GROUP_READY_SCRIPT, docs/engines.md#failure-modes): /health alone
+# stays 200 while a worker rank is dead or hung (docs/reference/vllm.md#failure-detection).
+# Worst case from a rank's hang under load to "not ready": the first probe after the hang sees
+# the last step (<= 1 period), the first probe with no step for more than READY_STALL_SECONDS
+# comes 2 periods later, then READINESS_FAILURES - 1 more: 10 + 20 + 2 x 10 = 50 s < 60 s.
+# 3 failures in a row, not 2: on 2 saturated cores single checks took up to 10 s (measured).
+READINESS_FAILURES: Final = 3
+READINESS_TIMEOUT_SECONDS: Final = 10
+# the script's own deadline for all of its requests; the rest of the timeout is for starting
+# the interpreter on a busy node (measured: one run took > 10 s on 2 saturated cores)
+READY_BUDGET_SECONDS: Final = 6
+READY_STALL_SECONDS: Final = 15  # requests in flight and no engine step for this long: hung
+READY_STATE_FILE: Final = "/tmp/vllm-group-ready.json"
+PYTHON: Final = "python3"  # on PATH in the vLLM image (the engine's own interpreter)
+
+# Worker pods' rendezvous pre-check (an init container, RENDEZVOUS_CHECK_SCRIPT).
+RENDEZVOUS_CHECK_NAME: Final = "rendezvous-check"
+RENDEZVOUS_RETRY_SECONDS: Final = 2
+RENDEZVOUS_CHECK_RESOURCES: Final = {"cpu": "100m", "memory": "128Mi"}
+
+# The leader's readiness check, run by the kubelet as `python3 -c GROUP_READY_SCRIPT --port P
+# --model NAME --stall-seconds S --budget-seconds B --state FILE` inside the leader container
+# (stdlib only; the container's env has VLLM_API_KEY). Fails (exit 1, reason on stdout) when:
+# * /health does not answer 200 (the server is down or the engine declared itself dead);
+# * requests are in flight (vllm:num_requests_running + _waiting > 0) and vLLM's step counter
+#   (vllm:iteration_tokens_total_count) has not moved for --stall-seconds: a hung rank;
+# * the engine is idle and a 1-token completion does not succeed within the budget: a dead rank
+#   answers 500 at once (and the leader's server then exits), a hung one not at all. Only an
+#   idle engine gets this request, so a busy engine is never judged by a queued probe.
+# The last step count and when it last moved live in FILE between runs.
+GROUP_READY_SCRIPT: Final = """\
+import json, os, sys, time, urllib.error, urllib.request
+a = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+base = "http://127.0.0.1:" + a["--port"]
+stall = float(a["--stall-seconds"])
+end = time.monotonic() + float(a["--budget-seconds"])
+path = a["--state"]
+def left():
+    return max(0.5, end - time.monotonic())
+def save(state):
+    with open(path + ".tmp", "w") as f:
+        json.dump(state, f)
+    os.replace(path + ".tmp", path)
+def fail(why):
+    print("group not ready: " + why)
+    sys.exit(1)
+def get(p):
+    try:
+        with urllib.request.urlopen(base + p, timeout=left()) as r:
+            return r.read().decode()
+    except urllib.error.HTTPError as e:
+        fail(p + " answered " + str(e.code))
+    except OSError as e:
+        fail(p + ": " + str(e))
+get("/health")
+text = get("/metrics")
+def total(name):
+    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
+               if l.startswith(name + "{") or l.startswith(name + " "))
+busy = total("vllm:num_requests_running") + total("vllm:num_requests_waiting")
+steps = total("vllm:iteration_tokens_total_count")
+now = time.time()
+try:
+    with open(path) as f:
+        state = json.load(f)
+except (OSError, ValueError):
+    state = {}
+if busy:
+    if state.get("steps") != steps:
+        save({"steps": steps, "since": now})
+    elif now - state["since"] > stall:
+        fail("%g requests in flight and no engine step for %.0f s (a hung rank?)"
+             % (busy, now - state["since"]))
+    print("ok: busy")
+    sys.exit(0)
+body = json.dumps({"model": a["--model"], "prompt": [0], "max_tokens": 1}).encode()
+req = urllib.request.Request(base + "/v1/completions", data=body, headers={
+    "Content-Type": "application/json",
+    "Authorization": "Bearer " + os.environ.get("VLLM_API_KEY", "")})
+try:
+    with urllib.request.urlopen(req, timeout=left()) as r:
+        r.read()
+except (OSError, ValueError) as e:
+    save({"steps": steps, "since": now - stall - 1})  # stalled until a step proves otherwise
+    fail("idle, and a 1-token completion failed: " + str(e) + " (a dead or hung rank?)")
+save({"steps": steps, "since": now})
+print("ok: idle, a 1-token completion succeeded")
+"""
+
+# The worker pods' init container: `python3 -c RENDEZVOUS_CHECK_SCRIPT --master-addr A
+# --master-port P --timeout-seconds T --retry-seconds R`, with A and P taken from the worker's
+# own vLLM argv. Waits until A resolves and something accepts a TCP connection at A:P (rank 0's
+# rendezvous store, up once the leader's vLLM has started), at most T seconds; then fails with
+# a message naming both flags and the leader address. vLLM itself would retry for
+# --distributed-timeout-seconds (the startup budget, up to 90 min) without saying why.
+RENDEZVOUS_CHECK_SCRIPT: Final = """\
+import socket, sys, time
+a = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+addr, port = a["--master-addr"], int(a["--master-port"])
+timeout, retry = float(a["--timeout-seconds"]), float(a["--retry-seconds"])
+start = time.monotonic()
+end = start + timeout
+last = "no attempt"
+while True:
+    try:
+        with socket.create_connection((addr, port), timeout=max(1.0, min(5.0, end - time.monotonic()))):
+            print("rendezvous pre-check: %s:%d accepts connections after %.0f s"
+                  % (addr, port, time.monotonic() - start))
+            sys.exit(0)
+    except socket.gaierror as e:
+        last = "--master-addr %s does not resolve (%s)" % (addr, e)
+    except OSError as e:
+        last = "nothing accepts connections at --master-addr %s --master-port %d (%s)" % (addr, port, e)
+    left = end - time.monotonic()
+    if left <= 0:
+        break
+    time.sleep(min(retry, left))
+print("rendezvous pre-check failed after %.0f s: %s. vLLM's rank 0 on the leader (%s) listens on "
+      "--master-port %d once it has started; check that the worker's --master-addr / --master-port "
+      "match the leader's and that the leader pod is running."
+      % (time.monotonic() - start, last, addr, port), file=sys.stderr)
+sys.exit(1)
+"""
 
 # Drain (llm-d's graceful-shutdown recipe, docs/reference/peers.md#graceful-drain): the leader waits
 # for endpoint removal to reach the gateway, then vLLM drains for --shutdown-timeout. Workers must
@@ -147,16 +271,55 @@ def build_container(spec: EngineSpec, role: Role) -> dict[str, Any]:
             {"name": VLLM_PORT_NAME, "containerPort": VLLM_PORT, "protocol": "TCP"}
         ]
         container |= leader_probes(d)
-    # Workers get no probes: `vllm serve --headless` has no HTTP server, and its process is
-    # the container's PID 1, so a crash already fails the pod and LWS recreates the group. A
-    # hung rank stalls the leader's collectives; the leader's liveness probe sees that only
-    # once vLLM declares the engine dead (/health 503), presumably when the mp executor's RPC
-    # timeout (VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS, 300 s) fires: inferred, not observed.
+    # Workers get no probes: `vllm serve --headless` has no HTTP server, and its process is the
+    # container's PID 1, which exits within ~2 s when one of its GPU worker processes dies
+    # (measured, docs/engines.md#failure-modes), so a dead rank fails the pod and LWS
+    # recreates the group. A hung rank is seen by the leader's readiness (GROUP_READY_SCRIPT).
     return container
+
+
+def build_rendezvous_check(spec: EngineSpec) -> dict[str, Any]:
+    """The worker pods' init container: a bounded wait for the leader's rendezvous port."""
+    d = spec.deployment
+    addr, port = rendezvous_target(build_vllm_command(d, WORKER))
+    command = [
+        PYTHON, "-c", RENDEZVOUS_CHECK_SCRIPT,
+        "--master-addr", addr,
+        "--master-port", port,
+        "--timeout-seconds", str(d.rendezvous_timeout_seconds),
+        "--retry-seconds", str(RENDEZVOUS_RETRY_SECONDS),
+    ]  # fmt: skip
+    return {
+        "name": RENDEZVOUS_CHECK_NAME,
+        "image": spec.serving.vllm_image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": command,
+        # the same MASTER_ADDR (from LWS_LEADER_ADDRESS, which LWS injects into init containers
+        # too) that the vLLM container's argv expands
+        "env": build_vllm_env(spec, WORKER),
+        "resources": {
+            "requests": dict(RENDEZVOUS_CHECK_RESOURCES),
+            "limits": dict(RENDEZVOUS_CHECK_RESOURCES),
+        },
+        # the message shows in `kubectl describe pod` (Last State: Terminated, Message)
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
 
 
 def _prestop_seconds(d: DeploymentSettings, role: Role) -> int:
     return PRESTOP_SECONDS if role == LEADER else worker_prestop_seconds(d)
+
+
+def group_ready_command(d: DeploymentSettings) -> list[str]:
+    """The leader's readiness check (GROUP_READY_SCRIPT) as an exec probe command."""
+    return [
+        PYTHON, "-c", GROUP_READY_SCRIPT,
+        "--port", str(VLLM_PORT),
+        "--model", served_model_name(d),
+        "--stall-seconds", str(READY_STALL_SECONDS),
+        "--budget-seconds", str(READY_BUDGET_SECONDS),
+        "--state", READY_STATE_FILE,
+    ]  # fmt: skip
 
 
 def leader_probes(d: DeploymentSettings) -> dict[str, Any]:
@@ -173,7 +336,14 @@ def leader_probes(d: DeploymentSettings) -> dict[str, Any]:
     startup_failures = math.ceil(startup_budget_seconds(d) / PROBE_PERIOD_SECONDS)
     return {
         "startupProbe": http(PROBE_PERIOD_SECONDS, PROBE_TIMEOUT_SECONDS, startup_failures),
-        "readinessProbe": http(PROBE_PERIOD_SECONDS, PROBE_TIMEOUT_SECONDS, READINESS_FAILURES),
+        # the whole group: a dead or hung rank (docs/engines.md#failure-modes)
+        "readinessProbe": {
+            "exec": {"command": group_ready_command(d)},
+            "periodSeconds": PROBE_PERIOD_SECONDS,
+            "timeoutSeconds": READINESS_TIMEOUT_SECONDS,
+            "failureThreshold": READINESS_FAILURES,
+        },
+        # the server process: restarts a leader whose server hangs (a dead engine exits by itself)
         "livenessProbe": http(LIVENESS_PERIOD_SECONDS, LIVENESS_TIMEOUT_SECONDS, LIVENESS_FAILURES),
     }
 
@@ -208,7 +378,7 @@ def build_node_selector(spec: EngineSpec) -> dict[str, str]:
 
 def build_pod_template(spec: EngineSpec, role: Role) -> dict[str, Any]:
     d = spec.deployment
-    return {
+    template: dict[str, Any] = {
         "metadata": {"labels": pod_labels(spec, role)},
         "spec": {
             # a Service named `vllm` would inject VLLM_PORT=tcp://... and stop vLLM
@@ -229,6 +399,10 @@ def build_pod_template(spec: EngineSpec, role: Role) -> dict[str, Any]:
             "volumes": build_volumes(spec),
         },
     }
+    if role == WORKER:
+        # a wrong --master-addr/--master-port fails here, in minutes, naming both
+        template["spec"]["initContainers"] = [build_rendezvous_check(spec)]
+    return template
 
 
 # --- LeaderWorkerSet ------------------------------------------------------------------------------
@@ -252,10 +426,7 @@ def build_lws_spec(spec: EngineSpec) -> dict[str, Any]:
     d = spec.deployment
     template: dict[str, Any] = {
         "size": spec.nodes,
-        # A multi-node engine cannot lose a rank and live, so any pod failure restarts the
-        # whole group. A one-pod group gains nothing from that and loses its crash logs
-        # (aws-samples/aws-do-eks#68), so its container restarts in place.
-        "restartPolicy": "RecreateGroupOnPodRestart" if spec.multi_node else "None",
+        "restartPolicy": restart_policy(spec),
     }
     if spec.multi_node:
         template["leaderTemplate"] = build_pod_template(spec, LEADER)
@@ -279,6 +450,20 @@ def build_lws_spec(spec: EngineSpec) -> dict[str, Any]:
         "networkConfig": {"subdomainPolicy": "Shared"},
         "leaderWorkerTemplate": template,
     }
+
+
+def restart_policy(spec: EngineSpec) -> str:
+    """LWS restart policy (v0.10.0 semantics: docs/reference/lws.md#restart-policy).
+
+    A multi-node engine cannot lose a rank and live: any container restart (init containers
+    included) or pod deletion in the group deletes the leader pod, and with it the whole group,
+    which LWS then creates anew. `RecreateGroupAfterStart` does that only once no pod of the
+    group is Pending, so a worker whose rendezvous pre-check gives up while the leader is still
+    pulling its image retries in place instead of deleting the leader mid-pull (which
+    `RecreateGroupOnPodRestart` would do). A one-pod group gains nothing from recreation and
+    loses its crash logs (aws-samples/aws-do-eks#68), so its container restarts in place.
+    """
+    return "RecreateGroupAfterStart" if spec.multi_node else "None"
 
 
 def _cache_claim(d: DeploymentSettings) -> dict[str, Any]:

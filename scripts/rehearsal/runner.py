@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+from scripts.engine import launch
 from scripts.rehearsal import netns
 from scripts.rehearsal.plan import (
     NGINX_USER,
@@ -41,6 +42,11 @@ CHRONY_POLL_S: Final = 0.5
 FAILURE_SETTLE_S: Final = 2.0
 LOG_TAIL_LINES: Final = 5
 SUPERVISOR_FILE: Final = "supervisor.json"
+ENGINES_FILE: Final = "engines.json"  # per engine: seconds to ready, RSS (the tests read it)
+SHM_FILE: Final = "shm-before.json"  # /dev/shm names before the engines started
+# The real engines of one rehearsal must fit in this together (docs/rehearsal.md).
+ENGINE_RSS_BUDGET: Final = 8 * 10**9
+GIB: Final = 2**30
 TCP_LISTEN: Final = "0A"
 TCP_ESTABLISHED: Final = "01"
 HTTP_CHECK_TIMEOUT_S: Final = 5.0
@@ -140,11 +146,15 @@ def bring_up(
     for host in plan.network.hosts:
         progress.line(host.netns, str(host.address), " ".join(host.names))
     _write_files(plan)
+    record_shm(layout, state)
     for index, stage in enumerate(STAGES):
         procs = [p for p in plan.processes if p.stage == index]
         if procs:
             progress.header(f"stage {index + 1}/{len(STAGES)}: {stage}")
-            _run_stage(plan, state, procs, progress, timeout)
+            ready_s = _run_stage(plan, state, procs, progress, timeout)
+            engines = [p for p in procs if p.pod is not None]
+            if engines:
+                report_engines(layout, state, engines, ready_s, progress)
     progress.header("clocks: every node's chronyd synchronised to the time server")
     wait_for_clocks(plan, state, progress, timeout)
     state.record_file(layout.inventory)
@@ -195,13 +205,15 @@ def _run_stage(
     procs: Sequence[ProcessSpec],
     progress: Progress,
     timeout: float,
-) -> None:
+) -> dict[str, float]:
+    """Start `procs` and wait until each is ready; seconds from its start to ready, by name."""
+    t0 = time.monotonic()
     started = {spec.name: _start(plan, state, spec) for spec in procs}
     for spec in procs:
         if spec.note:
             progress.line(spec.host, spec.program, f"started  [{spec.note}]")
     pending = list(procs)
-    deadline = time.monotonic() + timeout
+    ready_s: dict[str, float] = {}
     while pending:
         died = [s for s in procs if started[s.name].poll() is not None]
         if died:
@@ -209,10 +221,86 @@ def _run_stage(
         for spec in list(pending):
             if _is_ready(plan, spec, started[spec.name].pid):
                 pending.remove(spec)
-                progress.line(spec.host, spec.program, _ready_text(spec))
-        if pending and time.monotonic() >= deadline:
-            raise RehearsalFailed(_timeout_report(state, pending, timeout))
+                ready_s[spec.name] = time.monotonic() - t0
+                text = _ready_text(spec)
+                if spec.pod is not None:
+                    text += f"  (in {ready_s[spec.name]:.1f} s)"
+                progress.line(spec.host, spec.program, text)
+        now = time.monotonic()
+        late = [s for s in pending if now - t0 >= (s.ready_timeout or timeout)]
+        if late:
+            raise RehearsalFailed(_timeout_report(state, late, late[0].ready_timeout or timeout))
         time.sleep(POLL_S)
+    return ready_s
+
+
+# --------------------------------------------------------------------------- engines
+
+
+def process_tree_rss(pid: int) -> int:
+    """RSS in bytes of the process group `pid` leads (each rehearsal process has its own)."""
+    total = 0
+    for member in launch.group_pids(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+    return total
+
+
+def report_engines(
+    layout: Layout,
+    state: netns.State,
+    engines: Sequence[ProcessSpec],
+    ready_s: dict[str, float],
+    progress: Progress,
+) -> None:
+    """Print (and write to engines.json) each engine's time to ready and RSS, and the total.
+
+    A worker counts as ready when its group's leader is (the group forms as one server)."""
+    pids = {r.name: r.pid for r in state.processes}
+    # Leaders listen; a worker's pod name is its leader's plus `-<rank>`.
+    leaders = {spec.pod: ready_s[spec.name] for spec in engines if spec.ready.tcp}
+    stats: dict[str, dict[str, Any]] = {}
+    for spec in engines:
+        pod = spec.pod or spec.name
+        group_ready = leaders.get(pod, leaders.get(pod.rsplit("-", 1)[0], ready_s[spec.name]))
+        rss = process_tree_rss(pids[spec.name])
+        stats[pod] = {
+            "program": spec.program,
+            "ready_s": round(max(group_ready, ready_s[spec.name]), 1),
+            "rss_bytes": rss,
+        }
+        progress.line(
+            spec.host,
+            spec.program,
+            f"time to ready {stats[pod]['ready_s']:.1f} s, RSS {rss / GIB:.2f} GiB",
+        )
+    total = sum(s["rss_bytes"] for s in stats.values())
+    verdict = "within" if total <= ENGINE_RSS_BUDGET else "OVER"
+    progress.line(
+        "engines",
+        f"{len(stats)} engine processes",
+        f"RSS {total / GIB:.2f} GiB together ({verdict} the {ENGINE_RSS_BUDGET / 1e9:g} GB budget)",
+    )
+    path = layout.state_dir / ENGINES_FILE
+    state.record_file(path)
+    _write_json(path, {"engines": stats, "total_rss_bytes": total}, mode=0o644)
+
+
+def record_shm(layout: Layout, state: netns.State) -> None:
+    """Remember /dev/shm before any engine runs: teardown removes what appeared since."""
+    path = layout.state_dir / SHM_FILE
+    state.record_file(path)
+    _write_json(path, {"before": sorted(launch.shm_files())}, mode=0o644)
+
+
+def shm_before(layout: Layout) -> frozenset[str] | None:
+    """The /dev/shm names recorded before the engines started (None: none recorded)."""
+    try:
+        return frozenset(json.loads((layout.state_dir / SHM_FILE).read_text())["before"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _ready_text(spec: ProcessSpec) -> str:
@@ -453,10 +541,17 @@ def teardown(layout: Layout, state: netns.State, *, keep_logs: bool = False) -> 
     With `keep_logs` (a failed run) the process logs and a detached run's own log stay."""
     if not keep_logs:
         supervisor_log(state).unlink(missing_ok=True)
+    before = shm_before(layout)
     problems = netns.teardown(state, keep_logs=keep_logs)
+    if before is not None:
+        # What killed engines leave behind (torch `psm_*`, `sem.mp-*`): files that appeared
+        # while the rehearsal ran and that no live process holds.
+        launch.remove_leftover_shm(before)
     if not problems:
         shutil.rmtree(layout.hosts, ignore_errors=True)
-        for path in (layout.secrets, layout.inventory, layout.state_dir / SUPERVISOR_FILE):
+        for name in (SUPERVISOR_FILE, ENGINES_FILE, SHM_FILE):
+            (layout.state_dir / name).unlink(missing_ok=True)
+        for path in (layout.secrets, layout.inventory):
             path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             layout.state_dir.rmdir()  # only when empty: kept logs stay with their directory

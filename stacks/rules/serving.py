@@ -72,6 +72,16 @@ def _deployment_rules(s: Settings, path: str, d: DeploymentSettings) -> Iterator
     yield from _plan_problems(s, path, d)
     yield from positive(f"{path}.replicas", d.replicas)
     yield from positive(f"{path}.startupBudgetMinutes", d.startup_budget_minutes)
+    yield from positive(f"{path}.executeModelTimeoutSeconds", d.execute_model_timeout_seconds)
+    yield from positive(f"{path}.rendezvousTimeoutSeconds", d.rendezvous_timeout_seconds)
+    if d.rendezvous_timeout_seconds > d.startup_budget_minutes * 60:
+        yield Problem(
+            f"{path}.rendezvousTimeoutSeconds",
+            f"must not exceed the startup budget ({d.startup_budget_minutes} min = "
+            f"{d.startup_budget_minutes * 60} s): the leader's startup probe gives up first; "
+            "lower it or raise startupBudgetMinutes",
+            d.rendezvous_timeout_seconds,
+        )
     if d.kv_offload_redis and not s.serving.image_includes_lmcache:
         yield Problem(
             f"{path}.kvOffloadRedis",

@@ -68,5 +68,11 @@ def test_every_worker_joined(host: InfraHost, role_vars: dict[str, Any]) -> None
         pytest.skip("a single-node engine has no workers")
     port = role_vars["master_port"]
     assert probes.listening_anywhere(host, port)
-    joined = [s for s in probes.established(host) if s.local_port == port]
-    assert len(joined) == role_vars["nnodes"] - 1, joined
+    # One peer host per worker. vLLM's rank 0 also connects to its own store on this port
+    # (from its own address), which says nothing about the workers.
+    joined = [
+        s
+        for s in probes.established(host)
+        if s.local_port == port and s.remote != s.local and not s.remote.is_loopback
+    ]
+    assert len({s.remote for s in joined}) == role_vars["nnodes"] - 1, joined

@@ -19,7 +19,15 @@ from tests.infra import probes
 from tests.infra.probes import InfraHost
 
 IMAGE_SIZE = (1200, 900)  # random RGB pixels: a ~3.2 MB PNG, ~4.3 MB in the JSON body
-STREAM_TOKENS = 16
+# A real engine turns the image into a grid of merged patches: many more prompt tokens than
+# the few markers a chat template adds (the rehearsal's tiny Qwen3-VL caps images at 256x256
+# px and spends 54 tokens on this one; Qwen3-VL-2B on a GPU spends over a thousand). A
+# truncated or undecodable PNG is refused with 400 instead.
+IMAGE_TOKENS_MIN = 16
+# The stand-in paces its "tokens" (20 ms each); a real engine paces nothing, and the tiny
+# model of the rehearsal makes a token in ~3 ms, so it streams more of them (ignore_eos:
+# vLLM's sampling parameter, so a random model's early end cannot shorten the stream).
+STREAM_TOKENS = {True: 16, False: 128}
 
 
 def chat_body(model: str, **extra: Any) -> dict[str, Any]:
@@ -107,7 +115,8 @@ def test_every_deployment_is_routed(
 def test_streaming_arrives_in_chunks(
     http: httpx.Client, role_vars: dict[str, Any], key: str
 ) -> None:
-    body = chat_body(role_vars["model"], stream=True, max_tokens=STREAM_TOKENS)
+    tokens = STREAM_TOKENS[bool(role_vars.get("stand_in"))]
+    body = chat_body(role_vars["model"], stream=True, max_tokens=tokens, ignore_eos=True)
     arrivals: list[tuple[float, str]] = []
     with http.stream(
         "POST", role_vars["url"] + "/v1/chat/completions", json=body, headers=probes.bearer(key)
@@ -143,11 +152,24 @@ def test_a_multi_mib_image_request_is_accepted(
         role_vars["url"] + "/v1/chat/completions", json=body, headers=probes.bearer(key)
     )
     assert response.status_code == 200, response.text[:500]
-    reply = probes.json_of(response)["choices"][0]["message"]["content"]
+    reply = probes.json_of(response)
     if role_vars.get("stand_in"):
         # The stand-in decodes the image and reports what it got: all of it arrived.
         width, height = IMAGE_SIZE
-        assert f"{width}x{height}" in reply, reply
+        text = reply["choices"][0]["message"]["content"]
+        assert f"{width}x{height}" in text, text
+    else:
+        # A real engine decoded it into image tokens: the prompt is longer than its text.
+        text_only = {
+            "model": role_vars["model"],
+            "messages": [{"role": "user", "content": content[:1]}],
+        }
+        plain = http.post(
+            role_vars["url"] + "/v1/chat/completions", json=text_only, headers=probes.bearer(key)
+        )
+        assert plain.status_code == 200, plain.text[:500]
+        extra = reply["usage"]["prompt_tokens"] - probes.json_of(plain)["usage"]["prompt_tokens"]
+        assert extra >= IMAGE_TOKENS_MIN, (reply["usage"], probes.json_of(plain)["usage"])
 
 
 def test_blocked_vllm_paths_are_refused(

@@ -202,3 +202,14 @@ def test_existing_cluster_irsa_trusts_its_oidc_provider(existing_run: StackRun) 
     trust = json.loads(role.inputs["assumeRolePolicy"])["Statement"][0]
     issuer = mock_oidc_issuer("shared-gpu").removeprefix("https://")
     assert trust["Principal"]["Federated"] == f"arn:aws:iam::123456789012:oidc-provider/{issuer}"
+
+
+def test_vpc_cni_enforces_network_policies(run: StackRun) -> None:
+    """Without enableNetworkPolicy the VPC CNI ignores every NetworkPolicy
+    (docs/reference/eks-network-policy.md); the agent needs vpc-cni v1.14.0+."""
+    addons = {a.inputs["addonName"]: a.inputs for a in run.of_type("aws:eks/addon:Addon")}
+    cni = addons["vpc-cni"]
+    assert json.loads(cni["configurationValues"]) == {"enableNetworkPolicy": "true"}
+    assert addon_semver(cni["addonVersion"]) >= (1, 14, 0)
+    others = {name: a.get("configurationValues") for name, a in addons.items() if name != "vpc-cni"}
+    assert set(others.values()) == {None}

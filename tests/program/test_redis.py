@@ -147,7 +147,14 @@ def test_services_for_the_statefulset_and_its_clients(runs: dict[str, StackRun])
 
 def test_the_network_policy_admits_the_web_ui_where_it_runs(runs: dict[str, StackRun]) -> None:
     client_label = {"podSelector": {"matchLabels": {"qwen-vl-serving/redis-client": "true"}}}
-    webui = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "webui"}}}
+    webui = {
+        "podSelector": {
+            "matchLabels": {
+                "app.kubernetes.io/name": "webui",
+                "app.kubernetes.io/component": "chat-ui",
+            }
+        }
+    }
     assert peers(runs["dev"])[0] == [client_label, webui]
     assert peers(runs["prod"])[0] == [client_label]  # prod runs no web UI
     prometheus = {

@@ -209,9 +209,9 @@ def test_kv_offload_redis_points_every_rank_at_the_stacks_redis(tmp_path: Path) 
         for key, value in manifest(r)["stringData"].items()
     }
     redis = manifest(run.one(SERVICE_TYPE, "redis-service"))
-    [redis_policy] = [
-        manifest(r) for r in run.of_type("kubernetes:networking.k8s.io/v1:NetworkPolicy")
-    ]
+    redis_policy = manifest(
+        run.one("kubernetes:networking.k8s.io/v1:NetworkPolicy", "redis-ingress")
+    )
     app_password = mock_password("redis-password")
     # the pods read Redis's client Secret, so the LeaderWorkerSet waits for the Redis component
     redis_urn = run.one("qwen-vl-serving:data:Redis", "redis").urn

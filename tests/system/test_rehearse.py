@@ -13,71 +13,47 @@ This test process makes itself a child subreaper: the detached rehearsal outlive
 
 from __future__ import annotations
 
-import ctypes
-import json
 import os
 import select
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from scripts.rehearsal import netns
-from scripts.rehearsal.plan import PROCESS_PATH
-from scripts.rehearsal.runner import PROGRAMS
+from tests.support.rehearsal_run import (
+    MISSING_PROGRAMS,
+    REHEARSE,
+    Run,
+    assert_nothing_left,
+    assert_verified,
+    subreaper,
+    verify,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
-REHEARSE = [sys.executable, "-m", "scripts.rehearse"]
-VERIFY = [sys.executable, "-m", "scripts.verify"]
 UP_TIMEOUT_S = 120.0
-VERIFY_TIMEOUT_S = 300.0
-PR_SET_CHILD_SUBREAPER = 36
+# The mechanics (foreground and detached runs, status, a clashing run id, failures that
+# name the pod and flag) run on the stand-in, which starts in a second; the real engines
+# are tests/system/test_rehearse_real.py's.
+STANDIN = ("--engine", "standin")
 
-missing = [p for p in PROGRAMS if shutil.which(p, path=PROCESS_PATH) is None]
 pytestmark = [
     pytest.mark.rehearsal,
     pytest.mark.skipif(os.geteuid() != 0, reason="the rehearsal needs root"),
-    pytest.mark.skipif(bool(missing), reason=f"missing programs (make debs): {missing}"),
+    pytest.mark.skipif(
+        bool(MISSING_PROGRAMS), reason=f"missing programs (make debs): {MISSING_PROGRAMS}"
+    ),
 ]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def subreaper() -> Iterator[None]:
-    libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    yield
-    reap_children()
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-
-
-def reap_children() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
-def children() -> list[int]:
-    """Pids whose parent is this test process (zombies included)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        if int(text[text.rindex(")") + 2 :].split()[1]) == os.getpid():
-            found.append(int(stat.parent.name))
-    return found
+def _subreaper() -> Iterator[None]:
+    with subreaper():
+        yield
 
 
 @pytest.fixture
@@ -87,42 +63,6 @@ def state_parent() -> Iterator[Path]:
     path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-@dataclass(frozen=True)
-class Run:
-    """One rehearsal of this module: its run id and state directory."""
-
-    stack: str
-    state_dir: Path
-
-    @property
-    def run(self) -> str:
-        return f"ci{os.getpid()}-{self.stack}"
-
-    def args(self, *extra: str) -> list[str]:
-        return ["--state-dir", str(self.state_dir), "--run", self.run, *extra]
-
-    def namespaces(self) -> list[str]:
-        return netns.list_namespaces(f"qvr-{self.run}-")
-
-    def etc_dirs(self) -> list[Path]:
-        return sorted(netns.NETNS_ETC.glob(f"qvr-{self.run}-*"))
-
-    def recorded_pids(self) -> list[int]:
-        state = json.loads((self.state_dir / "state.json").read_text())
-        return [p["pid"] for p in state["processes"]]
-
-
-def assert_nothing_left(run: Run, pids: list[int]) -> None:
-    reap_children()
-    assert run.namespaces() == []
-    assert run.etc_dirs() == []
-    assert [pid for pid in pids if Path(f"/proc/{pid}").exists()] == []
-    assert children() == []
-    assert not (run.state_dir / "state.json").exists()
-    assert not (run.state_dir / "secrets.json").exists()
-    assert not (run.state_dir / "hosts").exists()
 
 
 def read_until(proc: subprocess.Popen[bytes], marker: str, timeout: float) -> str:
@@ -147,28 +87,10 @@ def read_until(proc: subprocess.Popen[bytes], marker: str, timeout: float) -> st
     return text
 
 
-def verify(run: Run, record_dir: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*VERIFY, "--stack", run.stack, *run.args()[:2], "--record-dir", str(record_dir)],
-        capture_output=True,
-        text=True,
-        timeout=VERIFY_TIMEOUT_S,
-        check=False,
-    )
-
-
-def assert_verified(run: Run, result: subprocess.CompletedProcess[str], record_dir: Path) -> None:
-    assert result.returncode == 0, result.stdout + result.stderr
-    record = json.loads((record_dir / f"{run.stack}.json").read_text())
-    assert record["result"] == "passed"
-    assert record["target"] == "rehearsal"
-    assert record["stack"] == run.stack
-
-
 def test_dev_comes_up_verifies_and_ctrl_c_tears_it_down(tmp_path: Path, state_parent: Path) -> None:
     run = Run("dev", state_parent / "state")
     proc = subprocess.Popen(
-        [*REHEARSE, "--stack", "dev", *run.args()],
+        [*REHEARSE, "--stack", "dev", *run.args(*STANDIN)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -179,9 +101,10 @@ def test_dev_comes_up_verifies_and_ctrl_c_tears_it_down(tmp_path: Path, state_pa
         assert "engine leader" in output
         assert "synchronised to 10.231.0.1" in output  # the time server is the first host
         assert "API key (default)" in output
-        assert len(run.namespaces()) == 5  # bridge, time server, gateway, services, engine
+        # bridge, time server, gateway, services, engine, client
+        assert len(run.namespaces()) == 6
         result = verify(run, tmp_path)
-        assert_verified(run, result, tmp_path)
+        assert_verified(result, tmp_path, run.stack)
         for host in ("gateway-0", "services", "qwen3-vl-2b-0"):
             assert host in result.stdout
     finally:
@@ -197,7 +120,7 @@ def test_staging_detached_multi_node_group_verifies_and_down_removes_it(
 ) -> None:
     run = Run("staging", state_parent / "state")
     up = subprocess.run(
-        [*REHEARSE, "--stack", "staging", "--detach", *run.args()],
+        [*REHEARSE, "--stack", "staging", "--detach", *run.args(*STANDIN)],
         capture_output=True,
         text=True,
         timeout=UP_TIMEOUT_S,
@@ -228,7 +151,7 @@ def test_staging_detached_multi_node_group_verifies_and_down_removes_it(
         assert clash.returncode == 1
         assert f"already exist: another rehearsal uses run id '{run.run}'" in clash.stderr
         result = verify(run, tmp_path)
-        assert_verified(run, result, tmp_path)
+        assert_verified(result, tmp_path, run.stack)
         assert "qwen3-vl-32b-0-1" in result.stdout  # the worker's host was checked
     finally:
         down = subprocess.run(
@@ -259,7 +182,12 @@ def test_a_corrupted_worker_fails_the_rehearsal_naming_pod_and_flag(
     pod = "qwen3-vl-32b-0-1"
     hook = f"{pod}:{corruption}"
     result = subprocess.run(
-        [*REHEARSE, "--stack", "staging", *run.args("--join-timeout", "5", "--corrupt", hook)],
+        [
+            *REHEARSE,
+            "--stack",
+            "staging",
+            *run.args(*STANDIN, "--join-timeout", "5", "--corrupt", hook),
+        ],
         capture_output=True,
         text=True,
         timeout=UP_TIMEOUT_S,

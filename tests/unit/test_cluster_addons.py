@@ -20,24 +20,6 @@ from components.cluster_addons import (
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}
 
 
-# Every GPU type with EFA (main table, and the g5/g6/g6e sizes that have it) (see docs/reference/aws-efa.md#efa-instance-types).
-EFA_TYPES = [
-    "p4d.24xlarge",
-    "p4de.24xlarge",
-    "p5.4xlarge",
-    "p5.48xlarge",
-    "p5e.48xlarge",
-    "p5en.48xlarge",
-    "p6-b200.48xlarge",
-    "p6-b300.48xlarge",
-    *(
-        f"{family}.{size}"
-        for family in ("g5", "g6", "g6e")
-        for size in ("8xlarge", "12xlarge", "16xlarge", "24xlarge", "48xlarge")
-    ),
-]
-
-
 def tolerates(tolerations: list[dict[str, str]], taint: dict[str, str]) -> bool:
     """Kubernetes' toleration matching (Exists ignores the value; no effect matches all)."""
     return any(
@@ -71,26 +53,17 @@ def test_efa_device_plugin_tolerates_the_gpu_taint_on_efa_nodes_only() -> None:
     assert values["nodeSelector"] == {"qwen-vl-serving/efa": "true"}
 
 
-def test_efa_device_plugin_is_allowed_on_every_efa_type() -> None:
-    """The chart's own allow-list has no p4d/p4de at the pinned version (docs/reference/aws-efa.md#efa-device-plugin)."""
-    allowed = build_efa_device_plugin_values()["supportedInstanceLabels"]
-    assert allowed["keys"] == ["node.kubernetes.io/instance-type"]
-    assert sorted(allowed["values"]) == sorted(EFA_TYPES)
-
-
-def chart_affinity(values: dict[str, Any]) -> dict[str, Any]:
-    """The required node affinity the EFA chart's DaemonSet template builds from
-    supportedInstanceLabels (aws/eks-charts stable/aws-efa-k8s-device-plugin/templates)."""
-    labels = values["supportedInstanceLabels"]
-    terms = [
-        {"matchExpressions": [{"key": key, "operator": "In", "values": labels["values"]}]}
-        for key in labels["keys"]
+def test_efa_device_plugin_keeps_the_charts_instance_type_allow_list() -> None:
+    """The chart's default supportedInstanceLabels at the pinned version already lists every EFA
+    type of the catalog (p4d/p4de included), so the values do not replace it; the rendered
+    DaemonSet's affinity is checked against the catalog in tests/artifacts/test_helm_releases.py.
+    The chart's template writes the CriticalAddonsOnly toleration itself: the values add only
+    the GPU one, so no toleration is written twice."""
+    values = build_efa_device_plugin_values()
+    assert "supportedInstanceLabels" not in values
+    assert values["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     ]
-    return {
-        "nodeAffinity": {
-            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}
-        }
-    }
 
 
 def pod_fields(values: dict[str, Any]) -> dict[str, Any]:
@@ -99,8 +72,6 @@ def pod_fields(values: dict[str, Any]) -> dict[str, Any]:
     for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName"):
         if key in values:
             spec[key] = values[key]
-    if "supportedInstanceLabels" in values:
-        spec["affinity"] = chart_affinity(values)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "values"}, "spec": spec}
 
 
@@ -120,8 +91,8 @@ def pod_fields(values: dict[str, Any]) -> dict[str, Any]:
 def test_pod_fields_of_the_values_pass_the_kubernetes_schema(
     build: Callable[[], dict[str, Any]],
 ) -> None:
-    """No helm binary exists here, so the charts are never rendered; what can be checked is that
-    the pod-spec parts of the values are valid Kubernetes 1.33 objects (strict: no unknown key)."""
+    """The pod-spec parts of the values are valid Kubernetes 1.33 objects (strict: no unknown
+    key). The charts themselves are rendered with helm in tests/artifacts/test_helm_releases.py."""
     pod = pod_fields(build())
     assert set(pod["spec"]) > {"containers"}
     kubernetes_validate.validate(pod, "1.33.0", strict=True)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 
 from components.render.eks_spec import (
+    build_addon_configuration,
     build_irsa_trust_policy,
     build_kubeconfig,
     managed_policy_arn,
     partition_of,
 )
-from stacks.versions import KUBERNETES_PINS, addon_semver
+from stacks.versions import KUBERNETES_PINS, VPC_CNI, addon_semver
 from tests.support.eks_cluster import EFA_ONLY_MIN_VPC_CNI, STACKS
 from tests.support.harness import (
     StackRun,
@@ -65,3 +66,16 @@ def test_addon_version_parser_rejects_other_formats() -> None:
     assert addon_semver("v1.18.5-eksbuild.1") == (1, 18, 5)
     with pytest.raises(ValueError, match="not an EKS add-on version"):
         addon_semver("1.18.5")
+
+
+def test_vpc_cni_configuration_turns_network_policy_on_for_every_pinned_version() -> None:
+    for pins in KUBERNETES_PINS.values():
+        assert build_addon_configuration(VPC_CNI, pins.addons[VPC_CNI]) == {
+            "enableNetworkPolicy": "true"
+        }
+    assert build_addon_configuration("coredns", "v1.12.1-eksbuild.2") is None
+
+
+def test_vpc_cni_older_than_the_network_policy_agent_is_refused() -> None:
+    with pytest.raises(ValueError, match="cannot enforce NetworkPolicy"):
+        build_addon_configuration("vpc-cni", "v1.13.4-eksbuild.1")

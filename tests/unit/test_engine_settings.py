@@ -211,6 +211,20 @@ CASES: list[tuple[str, str, Mutation, str, str]] = [
         "serving.deployments[0].weights.s3Uri=my-bucket/qwen",
         "must be s3://<bucket>/<prefix>",
     ),
+    (
+        "rendezvous-outlasts-the-startup-budget",
+        "staging",
+        on_deployment(1, rendezvousTimeoutSeconds=2701),
+        "serving.deployments[1].rendezvousTimeoutSeconds=2701",
+        "must not exceed the startup budget (45 min = 2700 s)",
+    ),
+    (
+        "execute-model-timeout-zero",
+        "dev",
+        on_deployment(0, executeModelTimeoutSeconds=0),
+        "serving.deployments[0].executeModelTimeoutSeconds=0",
+        "must be greater than 0",
+    ),
 ]
 
 

@@ -10,6 +10,8 @@ import pytest
 from components.render.vllm_command import EngineSpec
 from components.render.vllm_pods import (
     EXCLUSIVE_TOPOLOGY_ANNOTATION,
+    GROUP_READY_SCRIPT,
+    RENDEZVOUS_CHECK_SCRIPT,
     build_leader_service,
     build_lws,
     quantity,
@@ -63,7 +65,8 @@ def test_multi_node_group_shape(staging_32b: EngineSpec) -> None:
     assert spec["replicas"] == 1
     assert spec["startupPolicy"] == "LeaderCreated"
     assert spec["leaderWorkerTemplate"]["size"] == 2
-    assert spec["leaderWorkerTemplate"]["restartPolicy"] == "RecreateGroupOnPodRestart"
+    # any container restart or pod loss recreates the group, once no pod of it is Pending
+    assert spec["leaderWorkerTemplate"]["restartPolicy"] == "RecreateGroupAfterStart"
     assert lws["metadata"]["annotations"][EXCLUSIVE_TOPOLOGY_ANNOTATION] == NODE_GROUP_LABEL
     for template in templates(staging_32b).values():
         pod = template["spec"]
@@ -150,11 +153,11 @@ def test_shm_setting_overrides_the_planner(staging_32b: EngineSpec) -> None:
 
 
 def test_leader_probes_use_open_health_endpoint_within_the_budget(
-    staging_32b: EngineSpec, prod_235b: EngineSpec
+    staging_32b: EngineSpec, prod_235b: EngineSpec, dev_2b: EngineSpec
 ) -> None:
-    for spec, minutes in ((staging_32b, 45), (prod_235b, 90)):
+    for spec, minutes in ((staging_32b, 45), (prod_235b, 90), (dev_2b, 20)):
         leader = container(templates(spec)["leader"])
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        for probe in ("startupProbe", "livenessProbe"):
             # /v1/* needs the API key once VLLM_API_KEY is set; /health does not
             assert leader[probe]["httpGet"] == {"path": "/health", "port": "http"}
         startup = leader["startupProbe"]
@@ -162,10 +165,78 @@ def test_leader_probes_use_open_health_endpoint_within_the_budget(
         assert leader["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
 
 
+def test_leader_readiness_is_the_group_check(
+    staging_32b: EngineSpec, prod_235b: EngineSpec, dev_2b: EngineSpec
+) -> None:
+    for spec in (staging_32b, prod_235b, dev_2b):
+        ready = container(templates(spec)["leader"])["readinessProbe"]
+        command = ready["exec"]["command"]
+        assert command[:3] == ["python3", "-c", GROUP_READY_SCRIPT]
+        args = dict(zip(command[3::2], command[4::2], strict=True))
+        assert args == {
+            "--port": "8000",
+            "--model": spec.deployment.served_model_name or spec.deployment.name,
+            "--stall-seconds": "15",
+            "--budget-seconds": "6",
+            "--state": "/tmp/vllm-group-ready.json",
+        }
+        compile(GROUP_READY_SCRIPT, "group-ready", "exec")  # valid Python
+        # the script's own deadline ends before the kubelet's timeout kills it
+        assert int(args["--budget-seconds"]) < ready["timeoutSeconds"] <= ready["periodSeconds"]
+        # worst case, hang under load to "not ready" (< 60 s): the last step is seen within a
+        # period, the first probe seeing a stall longer than --stall-seconds comes after
+        # stall // period + 1 periods, then failureThreshold - 1 more
+        period, stall = ready["periodSeconds"], int(args["--stall-seconds"])
+        worst = period * (1 + stall // period + 1 + ready["failureThreshold"] - 1)
+        assert worst <= 50
+
+
 def test_workers_have_no_http_probes_or_ports(prod_235b: EngineSpec) -> None:
     worker = container(templates(prod_235b)["worker"])
     assert not {"startupProbe", "readinessProbe", "livenessProbe", "ports"} & set(worker)
     assert worker["command"][-1] == "--headless"
+
+
+def test_workers_wait_for_the_rendezvous_with_the_flags_of_their_own_argv(
+    prod_235b: EngineSpec,
+) -> None:
+    roles = templates(prod_235b)
+    assert "initContainers" not in roles["leader"]["spec"]
+    [check] = roles["worker"]["spec"]["initContainers"]
+    worker = container(roles["worker"])
+    argv = worker["command"]
+    addr = argv[argv.index("--master-addr") + 1]
+    port = argv[argv.index("--master-port") + 1]
+    assert (addr, port) == ("$(MASTER_ADDR)", "29501")
+    command = check["command"]
+    assert command[:3] == ["python3", "-c", RENDEZVOUS_CHECK_SCRIPT]
+    assert dict(zip(command[3::2], command[4::2], strict=True)) == {
+        "--master-addr": addr,
+        "--master-port": port,
+        "--timeout-seconds": "600",
+        "--retry-seconds": "2",
+    }
+    compile(RENDEZVOUS_CHECK_SCRIPT, "rendezvous-check", "exec")
+    # the same env, so $(MASTER_ADDR) expands to the same leader address in both containers
+    assert check["env"] == worker["env"]
+    assert check["image"] == worker["image"]
+    assert check["resources"]["requests"] == check["resources"]["limits"]  # Guaranteed QoS kept
+    assert check["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+def test_rendezvous_bound_follows_the_setting(staging_32b: EngineSpec) -> None:
+    d = dataclasses.replace(staging_32b.deployment, rendezvous_timeout_seconds=90)
+    [check] = templates(dataclasses.replace(staging_32b, deployment=d))["worker"]["spec"][
+        "initContainers"
+    ]
+    assert check["command"][check["command"].index("--timeout-seconds") + 1] == "90"
+
+
+def test_execute_model_timeout_is_on_every_rank(staging_32b: EngineSpec) -> None:
+    d = dataclasses.replace(staging_32b.deployment, execute_model_timeout_seconds=45)
+    for template in templates(dataclasses.replace(staging_32b, deployment=d)).values():
+        env = {e["name"]: e.get("value") for e in container(template)["env"]}
+        assert env["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] == "45"
 
 
 def test_graceful_drain_outlasts_shutdown_timeout(staging_32b: EngineSpec) -> None:
