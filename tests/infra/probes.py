@@ -119,7 +119,7 @@ _NETNS_OF_PIDS = (
 )
 _CMDLINES = (
     'for p in /proc/[0-9]*; do printf "%s " "${p#/proc/}"; '
-    "tr '\\0' ' ' < \"$p/cmdline\" 2>/dev/null; echo; done"
+    "tr '\\0\\n' '  ' < \"$p/cmdline\" 2>/dev/null; echo; done"
 )
 
 
@@ -128,22 +128,20 @@ def host_processes(host: InfraHost) -> list[tuple[int, str]]:
 
     A rehearsal's namespaces share one process table, and a node's table also holds its
     pods' processes: a process belongs to this host when it shares the host's network
-    namespace. `ps` (host.process) lists them where it exists; /proc where it does not.
+    namespace. Read from /proc rather than testinfra's host.process: its `ps` parsing breaks
+    when any process on the machine has a title with spaces (setproctitle, `npm pack ...`).
     """
     me = host.check_output("readlink /proc/self/ns/net")
     netns_of = dict(
         line.split(" ", 1) for line in host.check_output(_NETNS_OF_PIDS).splitlines() if " " in line
     )
-    if host.exists("ps"):
-        procs = [(int(p.pid), str(p.args)) for p in host.process.filter()]
-    else:
-        procs = [
-            (int(pid), args.strip())
-            for pid, _, args in (
-                line.partition(" ") for line in host.check_output(_CMDLINES).splitlines()
-            )
-            if args.strip()
-        ]
+    procs = [
+        (int(pid), args.strip())
+        for pid, _, args in (
+            line.partition(" ") for line in host.check_output(_CMDLINES).splitlines()
+        )
+        if args.strip()
+    ]
     return [(pid, args) for pid, args in procs if netns_of.get(str(pid)) == me]
 
 
