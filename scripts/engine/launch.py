@@ -199,10 +199,16 @@ def log_tail(engine: Engine, lines: int = 40) -> str:
 
 
 def remove_leftover_shm(before: frozenset[str] = frozenset()) -> list[str]:
-    """Remove vLLM/multiprocessing shm files not in `before` that no live process holds."""
+    """Remove vLLM/multiprocessing shm files not in `before` that no live process holds.
+
+    List before scanning the holders: the scan takes a while, and a semaphore that another
+    engine creates meanwhile (its spawned child opens it by name a moment later) must not be
+    taken for a leftover because its creator was scanned before it existed.
+    """
+    candidates = set(_shm_files()) - before
     held = _shm_in_use()
     removed = []
-    for name in sorted(set(_shm_files()) - before - held):
+    for name in sorted(candidates - held):
         with contextlib.suppress(FileNotFoundError):
             (SHM_DIR / name).unlink()
             removed.append(name)

@@ -1,0 +1,35 @@
+"""The engine launcher's /dev/shm clean-up against the real /dev/shm of this machine."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import pytest
+
+from scripts.engine import launch
+
+
+def test_a_semaphore_created_during_the_holder_scan_is_not_removed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Another engine starting while one stops: its semaphore appears while the holders are
+    # being scanned. Taken for a leftover, it was unlinked before the engine's spawned child
+    # opened it, and that engine failed to start (FileNotFoundError in SemLock._rebuild).
+    newcomer = launch.SHM_DIR / f"sem.mp-qwen-test-{os.getpid()}"
+    real_scan = launch._shm_in_use
+
+    def scan_while_another_engine_starts() -> set[str]:
+        held = real_scan()
+        newcomer.write_bytes(b"\0" * 32)
+        return held
+
+    monkeypatch.setattr(launch, "_shm_in_use", scan_while_another_engine_starts)
+    try:
+        removed = launch.remove_leftover_shm(frozenset(launch.shm_files()))
+        assert newcomer.name not in removed
+        assert Path(newcomer).exists()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            newcomer.unlink()
