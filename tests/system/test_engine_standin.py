@@ -344,7 +344,9 @@ def test_a_model_name_it_does_not_serve_is_404(server: int) -> None:
     body = chat("hi") | {"model": "gpt-4"}
     status, raw = request(server, "POST", "/v1/chat/completions", body, AUTH)
     assert status == 404
-    assert json.loads(raw)["error"]["message"] == "The model `gpt-4` does not exist."
+    error = json.loads(raw)["error"]
+    assert error["message"] == "The model `gpt-4` does not exist. Valid aliases: qwen-a, qwen-b."
+    assert error["param"] == "model"
 
 
 def test_streaming_arrives_as_several_sse_chunks_over_time(server: int) -> None:

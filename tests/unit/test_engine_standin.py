@@ -8,6 +8,7 @@ runs it inside namespaces) on 127.0.0.1 ports; every process is reaped by the fi
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -190,6 +191,56 @@ def test_configurations_vllm_refuses_or_the_stand_in_does_not_model(
     with pytest.raises(standin.StandinError) as exc:
         config(*argv)
     assert message in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("flag", "tokens"),
+    [
+        ([], 262144),  # Qwen3-VL's max_position_embeddings (docs/reference/qwen3-vl.md)
+        (["--max-model-len", "32768"], 32768),
+        (["--max-model-len", "32k"], 32000),
+        (["--max-model-len", "32K"], 32768),
+        (["--max-model-len", "25.6k"], 25600),
+        (["--max-model-len", "auto"], 262144),
+        (["--max-model-len", "-1"], 262144),
+    ],
+)
+def test_max_model_len_reads_vllms_human_readable_ints(flag: list[str], tokens: int) -> None:
+    assert config(*flag).max_model_len == tokens
+
+
+def test_a_decimal_with_a_binary_suffix_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse("--max-model-len", "1.5K")
+    assert "argument --max-model-len: invalid" in capsys.readouterr().err
+
+
+def test_system_fingerprint_follows_fingerprint_mode() -> None:
+    full = config("-tp", "2", "-pp", "2", "-ep").system_fingerprint or ""
+    assert re.fullmatch(r"vllm-0\.33\.0-tp2-pp2-ep-[0-9a-f]{8}", full)
+    hashed = config("-tp", "2", "--fingerprint-mode", "hash").system_fingerprint or ""
+    assert re.fullmatch(r"vllm-0\.33\.0-[0-9a-f]{8}", hashed)
+    assert config("-tp", "2").system_fingerprint == f"vllm-0.33.0-tp2-{hashed[-8:]}"
+    assert re.fullmatch(r"vllm-0\.33\.0-[0-9a-f]{8}", config().system_fingerprint or "")
+    assert config("--fingerprint-mode", "none").system_fingerprint is None
+    custom = ("--fingerprint-mode", "custom", "--fingerprint-value", "ours")
+    assert config(*custom).system_fingerprint == "ours"
+
+
+def test_validation_errors_name_their_param_as_vllms_handler_does() -> None:
+    located = {"type": "json_invalid", "loc": "body.1", "msg": "JSON decode error"}
+    assert standin.request_validation_error(located).body() == {
+        "error": {
+            "message": "1 validation error:\n  "
+            "{'type': 'json_invalid', 'loc': 'body.1', 'msg': 'JSON decode error'}",
+            "type": "Bad Request",
+            "param": "body.1",
+            "code": 400,
+        }
+    }
+    assert (
+        standin.request_validation_error("Unsupported Media Type").body()["error"]["param"] is None
+    )
 
 
 def test_api_key_comes_from_the_flag_or_vllm_api_key() -> None:
