@@ -148,7 +148,7 @@ test-program: $(VENV_STAMP)
 test-artifacts: venv debs nginx-chroot charts
 	$(PYTHON) -m pytest -q tests/artifacts
 
-test-system: venv debs engine
+test-system: venv debs nginx-chroot engine
 	$(PYTHON) -m pytest -q tests/system
 
 test: venv debs nginx-chroot charts engine lint typecheck
@@ -164,8 +164,10 @@ docs: $(VENV_STAMP)
 	mv docs/CONFIG.md.tmp docs/CONFIG.md
 
 # The rehearsal runs the Debian packages' daemons: `debs` installs any that are missing.
-rehearse: $(VENV_STAMP) debs engine
-	$(PYTHON) -m scripts.rehearse --stack $(STACK)
+# More options in REHEARSE_ARGS (e.g. "--engine standin --no-firewall"): docs/rehearsal.md.
+REHEARSE_ARGS ?=
+rehearse: $(VENV_STAMP) debs nginx-chroot engine
+	$(PYTHON) -m scripts.rehearse --stack $(STACK) $(REHEARSE_ARGS)
 
 rehearse-down: $(VENV_STAMP)
 	$(PYTHON) -m scripts.rehearse down
@@ -182,7 +184,7 @@ loadtest: $(VENV_STAMP)
 		--duration $(DURATION) $(LOADTEST_ARGS)
 
 # The gateway's performance figures (own namespaces, needs root), into docs/BENCHMARKS.md.
-bench: $(VENV_STAMP)
+bench: $(VENV_STAMP) debs nginx-chroot engine
 	$(PYTHON) -m scripts.bench --write docs/BENCHMARKS.md
 
 # Re-resolve every pin (run after editing dependencies in pyproject.toml).

@@ -27,16 +27,16 @@ from components.render.gateway_pod import (
     GatewayPod,
     build_nlb_annotations,
     build_pod_spec,
+    config_files,
+    pod_labels,
     sha256,
 )
 from components.render.nginx_conf import (
     API_KEYS_FILE,
-    CONF_FILE,
     ENGINE_AUTH_FILE,
     NginxConfArgs,
     render_api_keys_map,
     render_engine_auth,
-    render_nginx_conf,
 )
 from stacks.naming import (
     COMPONENT_LABEL,
@@ -58,6 +58,8 @@ class GatewayArgs:
     replicas: int
     image: str  # nginx >= 1.27.3 (upstream `resolve`)
     exporter_image: str
+    quota_image: str | None
+    redis_address: str  # host:port
     client_api_keys: Mapping[str, pulumi.Input[str]]  # key id -> key (Pulumi secrets)
     engine_api_key: pulumi.Input[str]
     scheme: Literal["internal", "internet-facing"]
@@ -67,7 +69,14 @@ class GatewayArgs:
     depends_on: Sequence[pulumi.Resource] = ()
 
     def pod(self) -> GatewayPod:
-        return GatewayPod(conf=self.conf, image=self.image, exporter_image=self.exporter_image)
+        return GatewayPod(
+            conf=self.conf,
+            image=self.image,
+            exporter_image=self.exporter_image,
+            replicas=self.replicas,
+            quota_image=self.quota_image,
+            redis_address=self.redis_address,
+        )
 
 
 class Gateway(pulumi.ComponentResource):
@@ -82,13 +91,13 @@ class Gateway(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self)
         labels = common_labels(COMPONENT, GATEWAY_NAME)
         selector = {NAME_LABEL: GATEWAY_NAME, COMPONENT_LABEL: COMPONENT}
-        conf_text = render_nginx_conf(args.conf)
-        self.config_checksum = sha256(conf_text)
+        files = config_files(args.conf)
+        self.config_checksum = sha256("".join(files.values()))
 
         k8s.core.v1.ConfigMap(
             f"{name}-config",
             metadata={"name": CONFIG_MAP_NAME, "namespace": args.namespace, "labels": labels},
-            data={CONF_FILE: conf_text},
+            data=files,
             opts=child,
         )
         includes = secret_includes(args.client_api_keys, args.engine_api_key)
@@ -116,7 +125,7 @@ class Gateway(pulumi.ComponentResource):
                 },
                 "template": {
                     "metadata": {
-                        "labels": labels,
+                        "labels": {**labels, **pod_labels(args.pod())},
                         "annotations": {
                             # nginx reads its files only at start: a change must roll the pods
                             CONFIG_CHECKSUM: self.config_checksum,

@@ -32,6 +32,7 @@ from components.render.scrape_config import (
     JOB_NGINX,
     JOB_NODE,
     JOB_REDIS,
+    JOB_ROUTER,
     JOB_VLLM,
     METRICS_PATH,
     MODEL,
@@ -42,6 +43,7 @@ from stacks.naming import (
     DCGM_EXPORTER_NAME,
     DCGM_EXPORTER_NAMESPACE,
     DCGM_EXPORTER_PORT,
+    GATEWAY_METRICS_PORT,
     GATEWAY_NAME,
     GRAFANA_PORT,
     LWS_GROUP_INDEX_LABEL,
@@ -298,6 +300,7 @@ def build_exporter_monitors(
             MONITORING_NAMESPACE, NODE_EXPORTER_NAME, JOB_NODE, NODE_EXPORTER_PORT, [_node_label()]
         ),
         JOB_NGINX: monitor(serving_namespace, GATEWAY_NAME, JOB_NGINX, NGINX_EXPORTER_PORT),
+        JOB_ROUTER: monitor(serving_namespace, GATEWAY_NAME, JOB_ROUTER, GATEWAY_METRICS_PORT),
     }
     if redis:
         monitors[JOB_REDIS] = monitor(serving_namespace, REDIS_NAME, JOB_REDIS, REDIS_EXPORTER_PORT)

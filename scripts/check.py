@@ -17,8 +17,10 @@ from pathlib import Path
 from stacks.parse import SettingsError
 from stacks.planner import format_bytes, plan_for, plan_request, plan_table
 from stacks.rules import warnings
+from stacks.rules.vision import encoder_plan
 from stacks.schema import Settings
 from stacks.settings import load_stack_file, stack_file
+from stacks.vision_plan import vision_table
 
 
 def summary(s: Settings) -> str:
@@ -61,6 +63,16 @@ def capacity(s: Settings) -> str:
     return plan_table(rows)
 
 
+def vision(s: Settings) -> str:
+    """The vision tiers' plan (empty when no deployment is disaggregated)."""
+    rows = [
+        (d.name, d.vision.encoders, p)
+        for d in s.serving.deployments
+        if d.vision.mode == "disaggregated" and (p := encoder_plan(s, d)) is not None
+    ]
+    return vision_table(rows) if rows else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m scripts.check",
@@ -77,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     print(summary(settings))
     print()
     print(capacity(settings))
+    if tiers := vision(settings):
+        print(tiers)
     found = warnings(settings)
     for w in found:
         print(f"warning: {w}", file=sys.stderr)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Builds, once, a Debian sid chroot with nginx-light, for checking the gateway's cluster
-# config: its upstreams use `server ... resolve`, which nginx has only since 1.27.3, while
+# Builds, once, a Debian sid chroot with nginx-light and its njs module (libnginx-mod-http-js),
+# for running the gateway's config: its routing tier needs njs >= 0.8 (bookworm has 0.7.9,
+# docs/reference/njs.md#versions) and its cluster upstreams use `server ... resolve`, which
+# nginx has only since 1.27.3, while
 # bookworm ships 1.22 and sid's nginx needs a newer libssl/libpcre2 than bookworm has
 # (docs/reference/toolchain.md#nginx-resolve-offline). Idempotent: an existing, working chroot is reused.
 set -euo pipefail
@@ -34,6 +36,19 @@ chroot_version() {
     chroot "$1" /usr/sbin/nginx -v 2>&1 | sed -n 's|^nginx version: nginx/\([0-9.]*\).*|\1|p'
 }
 
+# The snapshot mirrors apt may use serve Release files past their Valid-Until date.
+APT_OPTS="-o Acquire::Check-Valid-Until=false -qq"
+PACKAGES=nginx-light,libnginx-mod-http-js
+JS_MODULE=/usr/lib/nginx/modules/ngx_http_js_module.so
+
+# A chroot built before the router needed njs: add the module in place.
+add_njs() {
+    say "adding libnginx-mod-http-js to $1"
+    chroot "$1" apt-get $APT_OPTS update || die "apt-get update failed in $1"
+    DEBIAN_FRONTEND=noninteractive chroot "$1" apt-get $APT_OPTS install -y libnginx-mod-http-js \
+        || die "could not install libnginx-mod-http-js in $1"
+}
+
 new_enough() {
     [ -n "$1" ] && [ "$(printf '%s\n%s\n' "$MIN_VERSION" "$1" | sort -V | head -n 1)" = "$MIN_VERSION" ]
 }
@@ -60,8 +75,8 @@ case "${1:-}" in
 esac
 
 have="$(chroot_version "$DIR" 2>/dev/null || true)"
-if new_enough "$have"; then
-    say "ready: $DIR (nginx $have)"
+if new_enough "$have" && [ -e "$DIR$JS_MODULE" ]; then
+    say "ready: $DIR (nginx $have, njs)"
     exit 0
 fi
 
@@ -80,8 +95,9 @@ mkdir -p "$(dirname "$DIR")"
 exec 9>"$DIR.lock"
 flock 9
 have="$(chroot_version "$DIR" 2>/dev/null || true)"
-if new_enough "$have"; then
-    say "ready: $DIR (nginx $have, built by a concurrent run)"
+if new_enough "$have" && [ -e "$DIR/$MARKER" ]; then
+    [ -e "$DIR$JS_MODULE" ] || add_njs "$DIR"
+    say "ready: $DIR (nginx $have, njs)"
     exit 0
 fi
 
@@ -92,7 +108,7 @@ say "building a sid minbase chroot with nginx-light in $DIR from $mirror (about 
 started=$SECONDS
 # Per-package lines (hundreds) are dropped; stage lines, warnings and errors are kept.
 set +e
-debootstrap --variant=minbase --include=nginx-light sid "$partial" "$mirror" 2>&1 \
+debootstrap --variant=minbase --include=$PACKAGES sid "$partial" "$mirror" 2>&1 \
     | grep --line-buffered -v -E '^I: (Retrieving|Validating|Extracting|Unpacking|Configuring) [a-z0-9]'
 rc=${PIPESTATUS[0]}
 set -e
@@ -100,6 +116,7 @@ set -e
 built="$(chroot_version "$partial" 2>/dev/null || true)"
 [ -n "$built" ] || die "debootstrap did not produce a working nginx (see the output above)"
 new_enough "$built" || die "sid's nginx is $built, older than $MIN_VERSION"
+[ -e "$partial$JS_MODULE" ] || die "debootstrap did not install the njs module ($JS_MODULE)"
 touch "$partial/$MARKER"
 rm -rf -- "$DIR"
 mv -- "$partial" "$DIR"

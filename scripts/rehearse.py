@@ -147,6 +147,13 @@ def parser() -> argparse.ArgumentParser:
         f"stand-in's --join-timeout (default {DEFAULT_JOIN_TIMEOUT_S:g})",
     )
     p.add_argument(
+        "--firewall",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="enforce the stack's NetworkPolicies with nftables inside the namespaces "
+        "(default on; --no-firewall: every namespace reaches every other)",
+    )
+    p.add_argument(
         "--corrupt",
         action="append",
         default=[],
@@ -217,6 +224,7 @@ def up(args: argparse.Namespace, layout: Layout) -> int:
         engine=args.engine,
         real=real,
         engine_timeout=args.engine_timeout,
+        firewall=args.firewall,
     )
     plan = plan_rehearsal(settings, secrets_, options)
     runner.preflight(layout.state_dir)

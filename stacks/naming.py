@@ -57,6 +57,8 @@ VLLM_PORT: Final = 8000
 MASTER_PORT: Final = 29501
 GATEWAY_PORT: Final = 8080
 GATEWAY_STATUS_PORT: Final = 8081
+GATEWAY_QUOTA_PORT: Final = 8082  # the quota sidecar, on the pod's loopback
+GATEWAY_METRICS_PORT: Final = 9145  # the routing tier's Prometheus metrics
 GATEWAY_SERVICE_PORT: Final = 80
 GATEWAY_TLS_PORT: Final = 443
 NGINX_EXPORTER_PORT: Final = 9113
@@ -198,3 +200,25 @@ KEY_ID: Final = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # fullnameOverride: the chart names its objects "<this>-prometheus", "<this>-operator", ...
 MONITORING_FULLNAME: Final = "monitoring"
 PROMETHEUS_SERVICE: Final = f"{MONITORING_FULLNAME}-prometheus"
+
+
+# The vision tier (docs/vision.md): encoder-only vLLM pods, the shared vision cache volume.
+ENCODER_COMPONENT: Final = "vision-encoder"
+VISION_CACHE_COMPONENT: Final = "vision-cache"
+VISION_CACHE_CLAIM: Final = "vision-cache"  # one ReadWriteMany claim in the serving namespace
+VISION_CACHE_MOUNT: Final = "/vision-cache"
+VISION_CACHE_STORAGE_CLASS: Final = "efs-vision-cache"
+EFS_PROVISIONER: Final = "efs.csi.aws.com"
+NFS_PORT: Final = 2049  # EFS mount targets (docs/reference/vision-tier.md#efs)
+EC_CONNECTOR_CONFIGMAP: Final = "vision-ec-connector"
+EC_CONNECTOR_MOUNT: Final = "/opt/qwen-vl-serving/ec"  # on PYTHONPATH in engine and encoder pods
+
+
+def encoder_name(deployment: str) -> str:
+    """A deployment's encoder tier: its Deployment, headless Service and ScaledObject."""
+    return f"{deployment}-encoder"
+
+
+def vision_expiry_name(deployment: str) -> str:
+    """The CronJob that expires and bounds a deployment's part of the vision cache."""
+    return f"{deployment}-vision-expiry"

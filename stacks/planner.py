@@ -158,8 +158,12 @@ _TABLE_HEADER = (
 
 def plan_table(rows: Sequence[tuple[str, Plan, PlanRequest]]) -> str:
     """Plain-text table, one line per deployment, columns padded to their widest cell."""
-    cells = [_TABLE_HEADER, *(_table_row(name, p, r) for name, p, r in rows)]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(_TABLE_HEADER))]
+    return text_table([_TABLE_HEADER, *(_table_row(name, p, r) for name, p, r in rows)])
+
+
+def text_table(cells: Sequence[Sequence[str]]) -> str:
+    """A header row, a rule, then the rows; columns padded to their widest cell."""
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     lines = [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in cells

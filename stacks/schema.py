@@ -182,6 +182,72 @@ class DeploymentAutoscalingSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class VisionCacheSettings:
+    ttl_hours: int = setting(
+        "Encoder outputs unused for this long are deleted by the expiry job (the seed's "
+        "vision:<hash> TTL; a hit restarts the clock).",
+        24,
+    )
+    max_size_gib: int = setting(
+        "Bound on the shared volume: above it the expiry job deletes the least recently used "
+        "files first.",
+        100,
+    )
+    expiry_schedule: str = setting(
+        "Cron schedule of the expiry job (five fields, UTC).", "*/15 * * * *"
+    )
+    throughput_mode: Literal["elastic", "bursting"] = setting(
+        "EFS throughput mode of the shared volume (elastic follows the load; bursting earns "
+        "credits by stored size, which a small cache lacks).",
+        "elastic",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class VisionEncoderAutoscalingSettings:
+    min_replicas: int = setting("Fewest encoder pods KEDA keeps.", 1)
+    max_replicas: int = setting("Most encoder pods KEDA may run.", 1)
+    queue_depth_target: int = setting(
+        "Waiting encoder requests per encoder pod (vllm:num_requests_waiting) that triggers a "
+        "scale-up.",
+        5,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class VisionSettings:
+    mode: Literal["aggregated", "disaggregated"] = setting(
+        "aggregated: every engine runs its own vision encoder (vLLM's default). disaggregated: "
+        "an encoder tier of encoder-only vLLM pods encodes images once into a shared volume "
+        "and the engines load the result (docs/vision.md).",
+        "aggregated",
+    )
+    encoders: int = setting("Encoder pods at creation (disaggregated).", 1)
+    node_group: str | None = setting(
+        "The gpuNodeGroups entry the encoder pods run on (default: the deployment's).", None
+    )
+    gpus_per_encoder: int = setting(
+        "GPUs per encoder pod (its --tensor-parallel-size); must divide the node's GPUs, so "
+        "several encoder pods share a multi-GPU node.",
+        1,
+    )
+    timeout_seconds: float = setting(
+        "Per-attempt timeout of the gateway's encoder step; past it the request goes to the "
+        "engine, which encodes locally.",
+        10.0,
+    )
+    retries: int = setting(
+        "Extra encoder attempts (on another encoder pod) before falling back.", 1
+    )
+    autoscaling: VisionEncoderAutoscalingSettings = setting(
+        "KEDA scaling of the encoder pods on their own queue.", VisionEncoderAutoscalingSettings()
+    )
+    cache: VisionCacheSettings = setting(
+        "The shared vision cache (an EFS volume).", VisionCacheSettings()
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
 class DeploymentSettings:
     name: str = setting("Deployment name (DNS label): LWS name, gateway route /<name>/v1.")
     model: str = setting("Hugging Face model id from the model catalog.", promotable=True)
@@ -190,6 +256,21 @@ class DeploymentSettings:
     )
     served_model_name: str | None = setting(
         "Name clients send as `model` (default: the deployment name).", None, promotable=True
+    )
+    model_aliases: tuple[str, ...] = setting(
+        "More names clients may send as `model` (the gateway routes them, vLLM accepts them).",
+        (),
+    )
+    priority_scheduling: bool = setting(
+        "--scheduling-policy priority; the gateway sets each request's priority from its key's "
+        "class.",
+        True,
+    )
+    max_image_pixels: int | None = setting(
+        "Images are scaled down to at most this many pixels (--mm-processor-kwargs max_pixels); "
+        "none: the model's own limit.",
+        None,
+        promotable=True,
     )
     node_group: str = setting("The gpuNodeGroups entry this deployment runs on.")
     replicas: int = setting("Groups (model replicas) at creation.", 1)
@@ -248,6 +329,10 @@ class DeploymentSettings:
     autoscaling: DeploymentAutoscalingSettings = setting(
         "KEDA scaling of whole groups.", DeploymentAutoscalingSettings()
     )
+    vision: VisionSettings = setting(
+        "The vision tier: encoder disaggregation with a shared vision cache (off by default).",
+        VisionSettings(),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -274,6 +359,18 @@ class ServingSettings:
     # Not promotable: which deployments exist differs between stacks.
     default_deployment: str | None = setting("Deployment served at /v1 (default: the first).", None)
     deployments: tuple[DeploymentSettings, ...] = setting("Model deployments.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiKeySettings:
+    priority_class: str | None = setting(
+        "gateway.priorityClasses entry of this key's requests (default: defaultPriorityClass).",
+        None,
+    )
+    requests_per_minute: int | None = setting(
+        "Requests per minute, counted across all gateway replicas in Redis (none: no quota).",
+        None,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -310,6 +407,29 @@ class GatewaySettings:
         ("default",),
     )
     rate_limit: RateLimitSettings = setting("Per-key rate limit.", RateLimitSettings())
+    api_keys: Mapping[str, ApiKeySettings] = setting(
+        "Priority class and quota per key id (ids from apiKeyIds; unlisted keys: defaults).",
+        frozen_map(),
+    )
+    priority_classes: Mapping[str, int] = setting(
+        "Class -> vLLM request priority (lower is served earlier): GUI agents before chat "
+        "before batch OCR.",
+        frozen_map(agent=0, interactive=10, batch=20),
+    )
+    default_priority_class: str = setting("Class of keys without one.", "interactive")
+    session_ttl_seconds: int = setting(
+        "How long an idle session keeps its engine (sessionAffinity).", 1800
+    )
+    affinity_load_bound: float = setting(
+        "A session leaves its engine when that engine has more than this times the "
+        "deployment's mean open requests (bounded-load affinity).",
+        1.5,
+    )
+    quota_image: str | None = setting(
+        "Python image of the quota sidecar (needed when a key has requestsPerMinute).",
+        None,
+        promotable=True,
+    )
     scheme: Literal["internal", "internet-facing"] = setting("NLB scheme.", "internal")
     tls_certificate_arn: str | None = setting("ACM certificate for a TLS NLB listener.", None)
 
@@ -344,6 +464,11 @@ class AlertThresholds:
     clock_offset_seconds: float = setting("Node clock offset that is too large.", 0.05)
     redis_memory_ratio: float = setting("used_memory / maxmemory that is near the limit.", 0.9)
     worker_restarts_per_hour: int = setting("Engine pod restarts per hour.", 3)
+    vision_local_fallback_ratio: float = setting(
+        "Share of a disaggregated deployment's image lookups its engines encode locally (the "
+        "encoder tier down, slow or behind) that fires VisionEncoderFallback.",
+        0.5,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

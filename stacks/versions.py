@@ -117,6 +117,9 @@ KUBE_PROXY: Final = "kube-proxy"
 COREDNS: Final = "coredns"
 POD_IDENTITY_AGENT: Final = "eks-pod-identity-agent"
 EBS_CSI_DRIVER: Final = "aws-ebs-csi-driver"
+# Installed by the vision tier only; EKS picks the add-on's default version for the cluster's
+# Kubernetes version (not pinned here: docs/vision.md#what-is-not-pinned).
+EFS_CSI_DRIVER: Final = "aws-efs-csi-driver"
 
 
 @dataclass(frozen=True, kw_only=True)

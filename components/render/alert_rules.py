@@ -21,6 +21,7 @@ from components.render.scrape_config import (
     DEPLOYMENT,
     GROUP,
     JOB_DCGM,
+    JOB_ENCODER,
     JOB_NODE,
     JOB_REDIS,
     JOB_VLLM,
@@ -103,6 +104,9 @@ def build_alert_rules(settings: Settings) -> dict[str, Any]:
     ]
     if settings.redis.enabled:
         groups.append(_group("redis", _redis_rules(settings)))
+    vision = [a for d in settings.serving.deployments for a in _vision_rules(settings, d)]
+    if vision:
+        groups.append(_group("vision", vision))
     return {"groups": groups}
 
 
@@ -158,6 +162,57 @@ def _per_deployment_rules(s: Settings, d: DeploymentSettings) -> list[Alert]:
         )
     rules.append(_restart_rule(s, d))
     return rules
+
+
+def vision_lookups(d: DeploymentSettings, outcome: str, job: str = JOB_VLLM) -> str:
+    """Our EC connector's lookup counter (docs/vision.md#counting), for one outcome."""
+    return selector("vllm:ec_cache_lookups_total", job=job, deployment=d.name, outcome=outcome)
+
+
+def _vision_rules(s: Settings, d: DeploymentSettings) -> list[Alert]:
+    """The encoder tier down (no encoder answers /metrics) or slow (engines encode locally)."""
+    if d.vision.mode != "disaggregated":
+        return []
+    where = {DEPLOYMENT: d.name}
+    limit = s.monitoring.alerts.vision_local_fallback_ratio
+    local = f"sum(rate({vision_lookups(d, 'local')}[10m]))"
+    loaded = f"sum(rate({vision_lookups(d, 'loaded')}[10m]))"
+    encoders = selector("up", job=JOB_ENCODER, deployment=d.name)
+    return [
+        Alert(
+            name="VisionEncoderDown",
+            expr=f"sum({encoders}) == 0 or absent({encoders})",
+            for_minutes=d.startup_budget_minutes,
+            severity=CRITICAL,
+            summary=f"No encoder of {d.name} is up",
+            description=f"No encoder pod of {d.name} has answered /metrics for "
+            f"{d.startup_budget_minutes} minutes: the gateway sends images straight to the "
+            "engines, which encode them locally (slower time to first token, no reuse).",
+            labels=where,
+        ),
+        Alert(
+            name="VisionEncoderFallback",
+            expr=f"{local} / ({local} + {loaded}) > {limit:g}",
+            for_minutes=10,
+            severity=WARNING,
+            summary=f"{d.name} engines encode images themselves",
+            description=f"{VALUE_PERCENT} of the images {d.name}'s engines looked up in the "
+            "shared vision cache were missing, so they encoded them locally: the encoder tier "
+            "is down, slow (past vision.timeoutSeconds) or not reached by the gateway.",
+            labels=where,
+        ),
+        Alert(
+            name="VisionCacheRejectedFiles",
+            expr=f"sum(increase({vision_lookups(d, 'rejected')}[1h])) > 0",
+            for_minutes=0,
+            severity=WARNING,
+            summary=f"Incomplete or corrupt files in {d.name}'s vision cache",
+            description="The connector refused cache files whose size does not match their "
+            "header and encoded those images again (no engine crashed); look for a writer "
+            "that is not our atomic connector, or a full volume.",
+            labels=where,
+        ),
+    ]
 
 
 def _restart_rule(s: Settings, d: DeploymentSettings) -> Alert:

@@ -18,14 +18,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from components.render.alert_rules import NOT_SERVER_ERROR, ksm_label, selector
+from components.render.alert_rules import NOT_SERVER_ERROR, ksm_label, selector, vision_lookups
 from components.render.scrape_config import (
     DEPLOYMENT,
     GROUP,
     JOB_DCGM,
+    JOB_ENCODER,
     JOB_NGINX,
     JOB_NODE,
     JOB_REDIS,
+    JOB_ROUTER,
     JOB_VLLM,
     NODE,
 )
@@ -208,7 +210,67 @@ def quantiles(histogram: str, by: str = "") -> tuple[Query, ...]:
 
 
 def inference_rows(s: Settings) -> list[Row]:
-    return [_gateway_row(s), *(_deployment_row(s, d) for d in s.serving.deployments)]
+    vision = [_vision_row(s, d) for d in s.serving.deployments if d.vision.mode == "disaggregated"]
+    return [_gateway_row(s), *(_deployment_row(s, d) for d in s.serving.deployments), *vision]
+
+
+# Goal of the vision tier with repeated images (docs/vision.md#measure): encoder runs per image.
+ENCODER_RUNS_GOAL = 0.25
+
+
+def _vision_row(s: Settings, d: DeploymentSettings) -> Row:
+    """Hits, misses and local fallbacks of the shared vision cache, from our connector's
+    counters on engines (job vllm) and encoders (job vllm-encoder)."""
+
+    def lookups(outcome: str, job: str = JOB_VLLM) -> str:
+        return f"sum({rate(vision_lookups(d, outcome, job))})"
+
+    encoded, loaded, local = lookups("encoded", JOB_ENCODER), lookups("loaded"), lookups("local")
+    outcomes = tuple(
+        Query(lookups(outcome, job), f"{who}: {outcome}")
+        for who, job, names in (
+            ("engines", JOB_VLLM, ("loaded", "local", "rejected")),
+            ("encoders", JOB_ENCODER, ("encoded", "reused", "rejected")),
+        )
+        for outcome in names
+    )
+    waiting = selector("vllm:num_requests_waiting", job=JOB_ENCODER, deployment=d.name)
+    up = selector("up", job=JOB_ENCODER, deployment=d.name)
+    return Row(
+        f"{d.name}: vision tier",
+        (
+            Panel(
+                "Vision cache lookups by outcome",
+                outcomes,
+                "ops",
+                "loaded = an engine used an encoder's output (hit); local = no output, the engine "
+                "encoded itself (miss or fallback); encoded/reused = an encoder ran or found the "
+                "image already cached; rejected = an incomplete file was refused.",
+            ),
+            Panel(
+                "Encoder runs per engine image lookup",
+                (Query(f"{encoded} / ({loaded} + {local})", "encoder runs / image lookups"),),
+                "percentunit",
+                f"With repeated images this falls under {ENCODER_RUNS_GOAL:g}: each image is "
+                "encoded once and loaded by every replica.",
+                threshold=ENCODER_RUNS_GOAL,
+            ),
+            Panel(
+                "Local fallback ratio on engines",
+                (Query(f"{local} / ({local} + {loaded})", "local / lookups"),),
+                "percentunit",
+                "Images the engines encoded themselves: the encoder tier down or slow.",
+                threshold=s.monitoring.alerts.vision_local_fallback_ratio,
+                max=1,
+            ),
+            Panel(
+                "Encoder pods and queue",
+                (Query(f"sum({up})", "encoders up"), Query(f"sum({waiting})", "waiting")),
+                "short",
+            ),
+        ),
+        key=f"{d.name}-vision",
+    )
 
 
 def _gateway_row(s: Settings) -> Row:
@@ -233,6 +295,7 @@ def _gateway_row(s: Settings) -> Row:
                 "/healthz, and 502/504 when no engine answers.",
             ),
             Panel("Gateway connections", connections, "short"),
+            *_routing_panels(),
             Panel(
                 "Success ratio by deployment (non-5xx)",
                 (Query(ratio(ok, engine, DEPLOYMENT), f"{{{{{DEPLOYMENT}}}}}"),),
@@ -242,6 +305,45 @@ def _gateway_row(s: Settings) -> Row:
                 threshold=1 - s.monitoring.alerts.gateway_5xx_ratio,
                 max=1,
             ),
+        ),
+    )
+
+
+def _routing_panels() -> tuple[Panel, ...]:
+    """The routing tier's counters (components/render/gateway_router.js, docs/gateway.md)."""
+    routed = selector("gateway_routed_requests_total", job=JOB_ROUTER)
+    rejected = selector("gateway_rejected_requests_total", job=JOB_ROUTER)
+    shared = selector("gateway_quota_shared", job=JOB_ROUTER)
+    return (
+        Panel(
+            "Routed requests by model and class",
+            (Query(f"sum by (model, class) ({rate(routed)})", "{{model}} / {{class}}"),),
+            "reqps",
+        ),
+        Panel(
+            "Routing decisions",
+            (Query(f"sum by (decision) ({rate(routed)})", "{{decision}}"),),
+            "reqps",
+            "sticky: a session kept its engine; new_session: placed on the engine with the "
+            "fewest sessions; moved: its engine failed or was overloaded; least_conn: no session.",
+        ),
+        Panel(
+            "Refused by the gateway, by reason and key",
+            (
+                Query(
+                    f"sum by (status, reason, key_id) ({rate(rejected)})",
+                    "{{status}} {{reason}} {{key_id}}",
+                ),
+            ),
+            "reqps",
+            "429 quota (requests per minute, all replicas) or rate_limit (per pod), 404 "
+            "model_not_found, 400 too_many_images or invalid_json.",
+        ),
+        Panel(
+            "Quota counting shared across replicas (1) or per replica (0: Redis unreachable)",
+            (Query(f"min({shared})", "shared"),),
+            "short",
+            max=1,
         ),
     )
 

@@ -18,17 +18,29 @@ from components.render.nginx_conf import (
     CONF_FILE,
     ENGINE_AUTH_FILE,
     HEALTH_PATH,
+    QUOTA_FILE,
+    QUOTA_SOURCE,
     RESOLVER_FILE,
     RESOLVER_TEMPLATE,
+    ROUTER_FILE,
+    ROUTES_FILE,
     STATUS_PATH,
     NginxConfArgs,
+    quota_enabled,
+    render_nginx_conf,
+    render_routes_js,
+    router_source,
 )
+from components.render.redis_conf import APP_USER, PASSWORD_ENTRY
 from stacks.naming import (
     GATEWAY_KEYS_SECRET,
+    GATEWAY_METRICS_PORT,
     GATEWAY_NAME,
     GATEWAY_PORT,
     GATEWAY_TLS_PORT,
     NGINX_EXPORTER_PORT,
+    REDIS_CLIENT_LABEL,
+    REDIS_SECRET,
     ZONE_LABEL,
     system_node_selector,
 )
@@ -39,8 +51,11 @@ class GatewayPod:
     """What the pod is made of: the nginx config's arguments and the two images."""
 
     conf: NginxConfArgs  # cluster upstream mode, default pod paths
-    image: str  # nginx >= 1.27.3 (upstream `resolve`)
+    image: str  # nginx >= 1.27.3 (upstream `resolve`) with njs >= 0.8 (the official image)
     exporter_image: str
+    replicas: int = 1  # the quota sidecar's per-replica share when Redis is down
+    quota_image: str | None = None  # Python; needed when a key has a quota
+    redis_address: str = ""  # host:port of the stack's Redis (quotas)
 
 
 COMPONENT = "gateway"
@@ -56,6 +71,9 @@ HTTP_PORT_NAME = "http"
 
 
 METRICS_PORT_NAME = "metrics"
+
+
+ROUTER_METRICS_PORT_NAME = "router-metrics"
 
 
 CONFIG_CHECKSUM = "checksum/config"
@@ -86,6 +104,54 @@ LB_ANNOTATION_PREFIX = "service.beta.kubernetes.io/aws-load-balancer-"
 
 
 TLS_POLICY = "ELBSecurityPolicy-TLS13-1-2-2021-06"
+
+
+def config_files(conf: NginxConfArgs) -> dict[str, str]:
+    """The ConfigMap's files: nginx's config, the routing tier and its data, the quota sidecar."""
+    return {
+        CONF_FILE: render_nginx_conf(conf),
+        ROUTER_FILE: router_source(),
+        ROUTES_FILE: render_routes_js(conf),
+        QUOTA_FILE: QUOTA_SOURCE.read_text(),
+    }
+
+
+def quota_container(args: GatewayPod) -> dict[str, Any]:
+    """The quota sidecar: per-key requests per minute in Redis, shared by all replicas."""
+    if not args.quota_image or not args.redis_address:
+        raise ValueError("a key has a quota: the quota sidecar needs an image and Redis' address")
+    limits = [
+        f"--limit={key_id}={k.requests_per_minute}"
+        for key_id, k in sorted(args.conf.keys.items())
+        if k.requests_per_minute
+    ]
+    return {
+        "name": "quota",
+        "image": args.quota_image,
+        "command": [
+            "python3",
+            f"{CONF_DIR}/{QUOTA_FILE}",
+            f"--listen={args.conf.quota_address}",
+            f"--redis={args.redis_address}",
+            f"--replicas={args.replicas}",
+            *limits,
+        ],
+        "env": [
+            {"name": "QUOTA_REDIS_USER", "value": APP_USER},
+            {
+                "name": "QUOTA_REDIS_PASSWORD",
+                "value_from": {"secret_key_ref": {"name": REDIS_SECRET, "key": PASSWORD_ENTRY}},
+            },
+        ],
+        "resources": {"requests": {"cpu": "50m", "memory": "48Mi"}, "limits": {"memory": "96Mi"}},
+        "security_context": _HARDENED,
+        "volume_mounts": [{"name": "config", "mount_path": CONF_DIR, "read_only": True}],
+    }
+
+
+def pod_labels(args: GatewayPod) -> dict[str, str]:
+    """Extra pod labels: the quota sidecar is a Redis client (Redis' NetworkPolicy admits it)."""
+    return {REDIS_CLIENT_LABEL: "true"} if quota_enabled(args.conf) else {}
 
 
 def sha256(text: str) -> str:
@@ -201,7 +267,10 @@ def build_pod_spec(args: GatewayPod, selector: Mapping[str, str]) -> dict[str, A
                 "name": "nginx",
                 "image": args.image,
                 "command": ["/bin/sh", "-c", build_start_script(args.conf)],
-                "ports": [{"name": HTTP_PORT_NAME, "container_port": GATEWAY_PORT}],
+                "ports": [
+                    {"name": HTTP_PORT_NAME, "container_port": GATEWAY_PORT},
+                    {"name": ROUTER_METRICS_PORT_NAME, "container_port": GATEWAY_METRICS_PORT},
+                ],
                 "readiness_probe": _probe(period_seconds=5, failure_threshold=2),
                 "liveness_probe": _probe(period_seconds=10, failure_threshold=3),
                 "lifecycle": {
@@ -234,6 +303,7 @@ def build_pod_spec(args: GatewayPod, selector: Mapping[str, str]) -> dict[str, A
                 },
                 "security_context": _HARDENED,
             },
+            *([quota_container(args)] if quota_enabled(args.conf) else []),
         ],
         "volumes": [
             {"name": "config", "config_map": {"name": CONFIG_MAP_NAME}},

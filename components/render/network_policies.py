@@ -33,6 +33,8 @@ from typing import Any, Final
 
 from components.render.gateway_pod import COMPONENT as GATEWAY_COMPONENT
 from components.render.redis_pod import COMPONENT as REDIS_COMPONENT
+from components.render.vision_flags import disaggregated
+from components.render.vision_tier import encoder_labels
 from components.render.vllm_command import LEADER
 from stacks.naming import (
     COMPONENT_LABEL,
@@ -40,6 +42,7 @@ from stacks.naming import (
     DNS_PORT,
     ENGINE_COMPONENT,
     ENGINE_ROLE_LABEL,
+    GATEWAY_METRICS_PORT,
     GATEWAY_NAME,
     GATEWAY_PORT,
     HTTPS_PORT,
@@ -262,6 +265,30 @@ def _engine_policies(settings: Settings, d: DeploymentSettings) -> list[Manifest
     return found
 
 
+def _encoder_policies(settings: Settings, d: DeploymentSettings) -> list[Manifest]:
+    """The encoder tier: the same HTTP channel as the leaders (the gateway's encoder step and
+    Prometheus) and the same egress (weights, DNS). The shared cache is not a pod channel: the
+    EFS CSI driver mounts it on the node, where the EFS security group admits only the nodes."""
+    ns, labels = settings.serving.namespace, encoder_labels(d)
+    http_from = [
+        pods(gateway_selector()),
+        *([prometheus_peer()] if settings.monitoring.enabled else []),
+    ]
+    egress: list[Rule] = [
+        {"to": [{"ipBlock": {"cidr": ANYWHERE}}], "ports": tcp(HTTPS_PORT)},
+        dns_egress(),
+    ]
+    return [
+        policy(
+            f"encoder-{d.name}-http",
+            ns,
+            labels,
+            ingress=[{"from": http_from, "ports": tcp(VLLM_PORT)}],
+            egress=egress,
+        )
+    ]
+
+
 def _gateway_policy(settings: Settings) -> Manifest:
     monitoring = settings.monitoring.enabled
     ingress: list[Rule] = [
@@ -273,9 +300,13 @@ def _gateway_policy(settings: Settings) -> Manifest:
         }
     ]
     if monitoring:
-        ingress.append({"from": [prometheus_peer()], "ports": tcp(NGINX_EXPORTER_PORT)})
+        # the exporter's stub_status metrics and the routing tier's own
+        ports = tcp(NGINX_EXPORTER_PORT, GATEWAY_METRICS_PORT)
+        ingress.append({"from": [prometheus_peer()], "ports": ports})
     leaders = [pods(leader_selector(d.name)) for d in settings.serving.deployments]
-    egress: list[Rule] = [{"to": leaders, "ports": tcp(VLLM_PORT)}, dns_egress()]
+    # the vision tier's encoder step (docs/vision.md#proxy-step)
+    encoders = [pods(encoder_labels(d)) for d in settings.serving.deployments if disaggregated(d)]
+    egress: list[Rule] = [{"to": leaders + encoders, "ports": tcp(VLLM_PORT)}, dns_egress()]
     return policy(
         GATEWAY_NAME, settings.serving.namespace, gateway_selector(), ingress=ingress, egress=egress
     )
@@ -313,6 +344,8 @@ def build_namespace_policies(settings: Settings) -> list[Manifest]:
     found = [policy(DEFAULT_DENY, ns, {}, ingress=[], egress=[]), _gateway_policy(settings)]
     for d in settings.serving.deployments:
         found += _engine_policies(settings, d)
+        if disaggregated(d):
+            found += _encoder_policies(settings, d)
     if settings.redis.enabled:
         found.append(_redis_client_policy(settings))
     if settings.webui.enabled and settings.redis.enabled:

@@ -21,22 +21,28 @@ import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final, Literal
 
+from components.render.vision_flags import disaggregated
 from stacks.naming import (
     BLOCKED_PATHS,
+    GATEWAY_METRICS_PORT,
     GATEWAY_PORT,
+    GATEWAY_QUOTA_PORT,
     GATEWAY_STATUS_PORT,
     HEADER_NAME,
     KEY_ID,
     VLLM_PORT,
+    encoder_name,
+    leader_address,
     leader_service_name,
     service_host,
 )
 
 if TYPE_CHECKING:
-    from stacks.schema import Settings
+    from stacks.schema import DeploymentSettings, Settings, VisionSettings
 
 UpstreamMode = Literal["cluster", "static"]
 LoadBalancing = Literal["leastConn", "sessionAffinity"]
@@ -48,6 +54,24 @@ CONF_FILE: Final = "nginx.conf"
 API_KEYS_FILE: Final = "api-keys.map"
 ENGINE_AUTH_FILE: Final = "engine-auth.conf"
 RESOLVER_FILE: Final = "resolver.conf"
+# The routing tier (njs): the module, and the data it routes by (rendered per stack).
+ROUTER_FILE: Final = "router.js"
+ROUTES_FILE: Final = "routes.js"
+ROUTER_SOURCE: Final = Path(__file__).with_name("gateway_router.js")
+QUOTA_FILE: Final = "quota.py"
+QUOTA_SOURCE: Final = Path(__file__).with_name("gateway_quota.py")  # the quota sidecar
+# Where Debian's and the official image's packages put the njs module.
+JS_MODULE: Final = "/usr/lib/nginx/modules/ngx_http_js_module.so"
+METRICS_PATH: Final = "/metrics"
+QUOTA_PATH: Final = "/_quota"
+ENCODER_PATH: Final = "/_encoder"  # + /<deployment>/v1/...: the router's encoder pre-step
+# Sessions idle longer than this lose their engine; recounting keeps the per-engine
+# session counts true as they expire.
+SESSION_RECOUNT_SECONDS: Final = 10
+# The router probes each engine's /health this often (affinity only): a gone or unready group
+# takes no new session. Shorter than the readiness probe's period would be noise.
+HEALTH_PROBE_SECONDS: Final = 2
+HEALTH_PROBE_TIMEOUT_SECONDS: Final = 1
 
 HEALTH_PATH: Final = "/healthz"
 STATUS_PATH: Final = "/stub_status"
@@ -65,9 +89,6 @@ NEXT_UPSTREAM_TRIES: Final = 3
 NEXT_UPSTREAM_TIMEOUT_SECONDS: Final = 20
 MAX_FAILS: Final = 2
 FAIL_TIMEOUT_SECONDS: Final = 10
-# Bodies up to this size stay in memory; larger ones (multi-image requests) are spooled to
-# the runtime directory, so memory per request stays bounded at any client_max_body_size.
-CLIENT_BODY_BUFFER: Final = "1m"
 
 # Seed-era paths: an alias that still works, and an API vLLM 0.33 no longer serves.
 CHAT_ALIAS: Final = "/chat/completions"
@@ -105,6 +126,7 @@ class NginxPaths:
     """Where nginx finds its includes and writes its state (defaults: the gateway pod's mounts)."""
 
     secrets_dir: str = "/etc/nginx/gateway-secrets"  # Secret volume: API keys, engine auth
+    conf_dir: str = CONF_DIR  # ConfigMap volume: router.js and routes.js (js_path)
     runtime_dir: str = "/run/gateway"  # emptyDir: pid, spooled bodies, resolver.conf
     access_log: str = "/dev/stdout"
 
@@ -114,11 +136,43 @@ class Backend:
     """One upstream group: the leader pods of a deployment."""
 
     name: str  # deployment name
-    addresses: tuple[str, ...]  # host:port
+    addresses: tuple[str, ...]  # host:port; cluster mode: the leader Service
+    # One per group in cluster mode (the leader pod's own DNS name), for session affinity;
+    # in static mode the addresses themselves.
+    engine_addresses: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()  # served name, then aliases: what clients send as `model`
+    model_id: str = ""  # the Hugging Face id (GET /v1/models `root`)
+    priority: bool = False  # the engines run --scheduling-policy priority
+    max_images: int | None = None  # --limit-mm-per-prompt image
+    encoder_mode: bool = False  # vision.mode is disaggregated (issue 17)
+    encoder_addresses: tuple[str, ...] = ()  # host:port of that tier
+    vision: VisionSettings | None = None  # the encoder step's timeout and retries
+
+    @property
+    def encoder(self) -> bool:
+        """An encoder pre-step runs: the tier is wanted and has addresses."""
+        return self.encoder_mode and bool(self.encoder_addresses)
+
+    @property
+    def encoder_upstream(self) -> str:
+        return f"encoder-{self.name}"
 
     @property
     def upstream(self) -> str:
         return f"engine-{self.name}"
+
+    @property
+    def engines(self) -> tuple[str, ...]:
+        """One upstream per engine (a dot cannot occur in a deployment name: no clash)."""
+        return tuple(f"{self.upstream}.{i}" for i in range(len(self.engine_addresses)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeyPolicy:
+    """What the gateway applies to one API key id."""
+
+    priority_class: str
+    requests_per_minute: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,8 +189,15 @@ class NginxConfArgs:
     affinity_header: str
     requests_per_second: float
     burst: int
+    priority_classes: Mapping[str, int]
+    default_priority_class: str
+    session_ttl_seconds: int
+    affinity_load_bound: float
+    keys: Mapping[str, KeyPolicy] = field(default_factory=dict)
     listen: str = str(GATEWAY_PORT)
     status_listen: str = f"127.0.0.1:{GATEWAY_STATUS_PORT}"  # the exporter sidecar only
+    metrics_listen: str = str(GATEWAY_METRICS_PORT)  # Prometheus: routing metrics only
+    quota_address: str = f"127.0.0.1:{GATEWAY_QUOTA_PORT}"  # the quota sidecar
     paths: NginxPaths = field(default_factory=NginxPaths)
     worker_processes: int = 2
 
@@ -150,22 +211,52 @@ def build_nginx_conf_args(
 ) -> NginxConfArgs:
     """The config args of a stack (listening on the pod's ports). Static mode takes the
     host:port list of every deployment from `static_addresses`; cluster mode addresses each
-    deployment's leader Service."""
+    deployment's leader Service, and each group's leader pod for session affinity."""
     g = settings.gateway
+    namespace = settings.serving.namespace
 
     def addresses(name: str) -> tuple[str, ...]:
         if mode == "cluster":
-            host = service_host(leader_service_name(name), settings.serving.namespace)
+            host = service_host(leader_service_name(name), namespace)
             return (f"{host}:{VLLM_PORT}",)
         found = (static_addresses or {}).get(name)
         if not found:
             raise ValueError(f"static mode needs the addresses of deployment {name!r}")
         return tuple(found)
 
+    def engine_addresses(d: DeploymentSettings) -> tuple[str, ...]:
+        if mode == "static":
+            return addresses(d.name)
+        groups = max(d.replicas, d.autoscaling.max_replicas)
+        return tuple(
+            f"{leader_address(d.name, namespace, i)}.svc.cluster.local:{VLLM_PORT}"
+            for i in range(groups)
+        )
+
+    def encoder_addresses(d: DeploymentSettings) -> tuple[str, ...]:
+        """The vision tier's encoders: their headless Service, or the static ones given."""
+        if not disaggregated(d):
+            return ()
+        if mode == "cluster":
+            return (f"{service_host(encoder_name(d.name), namespace)}:{VLLM_PORT}",)
+        return tuple((static_addresses or {}).get(encoder_name(d.name), ()))
+
     return NginxConfArgs(
         mode=mode,
         deployments=tuple(
-            Backend(name=d.name, addresses=addresses(d.name)) for d in settings.serving.deployments
+            Backend(
+                name=d.name,
+                addresses=addresses(d.name),
+                engine_addresses=engine_addresses(d),
+                models=(d.served_model_name or d.name, *d.model_aliases),
+                model_id=d.model,
+                priority=d.priority_scheduling,
+                max_images=d.limit_mm_per_prompt.get("image"),
+                encoder_mode=disaggregated(d),
+                encoder_addresses=encoder_addresses(d),
+                vision=d.vision,
+            )
+            for d in settings.serving.deployments
         ),
         default_deployment=settings.default_deployment.name,
         paths=paths or NginxPaths(),
@@ -175,7 +266,64 @@ def build_nginx_conf_args(
         affinity_header=g.affinity_header,
         requests_per_second=g.rate_limit.requests_per_second,
         burst=g.rate_limit.burst,
+        priority_classes=dict(g.priority_classes),
+        default_priority_class=g.default_priority_class,
+        session_ttl_seconds=g.session_ttl_seconds,
+        affinity_load_bound=g.affinity_load_bound,
+        keys={
+            key_id: KeyPolicy(
+                priority_class=policy.priority_class or g.default_priority_class,
+                requests_per_minute=policy.requests_per_minute,
+            )
+            for key_id, policy in g.api_keys.items()
+        },
     )
+
+
+def quota_enabled(args: NginxConfArgs) -> bool:
+    return any(k.requests_per_minute for k in args.keys.values())
+
+
+def render_routes_js(args: NginxConfArgs, created: int = 0) -> str:
+    """The routing tier's data module (ConfigMap `routes.js`): JSON is valid JavaScript."""
+    _check(args)
+    data = {
+        "defaultDeployment": args.default_deployment,
+        "affinity": args.load_balancing == "sessionAffinity",
+        "affinityHeader": args.affinity_header,
+        "loadBound": args.affinity_load_bound,
+        "failTimeout": FAIL_TIMEOUT_SECONDS,
+        "created": created,
+        "quota": quota_enabled(args),
+        "classes": dict(args.priority_classes),
+        "defaultClass": args.default_priority_class,
+        "keys": {
+            key_id: {"class": k.priority_class, "rpm": k.requests_per_minute}
+            for key_id, k in sorted(args.keys.items())
+        },
+        "models": {m: d.name for d in args.deployments for m in d.models},
+        "deployments": {
+            d.name: {
+                "upstream": d.upstream,
+                "engines": list(d.engines),
+                "engineAddresses": list(d.engine_addresses),
+                "model": d.model_id,
+                "priority": d.priority,
+                "maxImages": d.max_images,
+                "encoder": d.encoder,
+            }
+            for d in args.deployments
+        },
+    }
+    header = (
+        "// Rendered by components/render/nginx_conf.py (render_routes_js); edits are overwritten."
+    )
+    return f"{header}\nexport default {json.dumps(data, indent=1)};\n"
+
+
+def router_source() -> str:
+    """The routing tier's code (ConfigMap `router.js`), the same for every stack."""
+    return ROUTER_SOURCE.read_text()
 
 
 # ---------------------------------------------------------------------------- secrets
@@ -232,6 +380,7 @@ def render_nginx_conf(args: NginxConfArgs) -> str:
     lines = [
         "# Rendered by components/render/nginx_conf.py (render_nginx_conf); edits are overwritten.",
         "daemon off;",
+        f"load_module {JS_MODULE};",
         f"worker_processes {args.worker_processes};",
         f"pid {p.runtime_dir}/nginx.pid;",
         "error_log stderr warn;",
@@ -250,11 +399,6 @@ def rate_directive(requests_per_second: float) -> str:
     return f"{round(requests_per_second * 60)}r/m"
 
 
-def affinity_variable(header: str) -> str:
-    """nginx's variable for a request header: X-Session-Id -> $http_x_session_id."""
-    return "$http_" + header.lower().replace("-", "_")
-
-
 def _check(args: NginxConfArgs) -> None:
     names = [d.name for d in args.deployments]
     if args.default_deployment not in names:
@@ -266,6 +410,12 @@ def _check(args: NginxConfArgs) -> None:
             raise ValueError(f"upstream {backend.name!r} has no server")
     if round(args.requests_per_second * 60) < 1:
         raise ValueError("the rate limit must allow at least 1 request per minute")
+    classes = {args.default_priority_class, *(k.priority_class for k in args.keys.values())}
+    if unknown := sorted(classes - set(args.priority_classes)):
+        raise ValueError(f"priority classes {unknown} are not in {sorted(args.priority_classes)}")
+    models = [m for d in args.deployments for m in d.models]
+    if len(models) != len(set(models)):
+        raise ValueError(f"a model name is served by two deployments: {models}")
 
 
 def _block(head: str, body: Iterable[str]) -> list[str]:
@@ -301,7 +451,10 @@ def _http(args: NginxConfArgs) -> list[str]:
         "# be retried on another engine and a slow upload never holds an engine connection.",
         "proxy_request_buffering on;",
         f"client_max_body_size {args.client_max_body_size_mib}m;",
-        f"client_body_buffer_size {CLIENT_BODY_BUFFER};",
+        "# The router reads `model` from the body, so bodies stay in memory up to the size limit",
+        "# (nginx allocates what the request's Content-Length asks, not the limit).",
+        f"client_body_buffer_size {args.client_max_body_size_mib}m;",
+        "client_body_in_single_buffer on;",
         "client_body_timeout 60s;",
         "client_header_timeout 30s;",
         "keepalive_timeout 75s;",
@@ -323,15 +476,49 @@ def _http(args: NginxConfArgs) -> list[str]:
         f"limit_req_zone $api_key_id zone=per_key:10m rate={rate_directive(args.requests_per_second)};",
         "limit_req_status 429;",
         "limit_req_log_level warn;",
+        "",
+        *_router(args),
     ]
     for backend in args.deployments:
         lines += ["", *_upstream(args, backend)]
+        if args.load_balancing == "sessionAffinity":
+            for name, address in zip(backend.engines, backend.engine_addresses, strict=True):
+                lines += ["", *_engine_upstream(args, backend, name, address)]
+    for backend in args.deployments:
+        if backend.encoder:
+            lines += ["", *_encoder_upstream(args, backend)]
+    if quota_enabled(args):
+        lines += [
+            "",
+            *_block("upstream gateway_quota", [f"server {args.quota_address};", "keepalive 8;"]),
+        ]
     return [
         *lines,
         "",
         *_block("server", _api_server(args)),
         "",
         *_block("server", _status_server(args)),
+        "",
+        *_block("server", _metrics_server(args)),
+    ]
+
+
+def _router(args: NginxConfArgs) -> list[str]:
+    """The njs routing tier: its module, its shared state and the variables it hands nginx."""
+    return [
+        "# The routing tier (components/render/gateway_router.js, docs/gateway.md#routing-tier).",
+        f"js_path {args.paths.conf_dir};",
+        f"js_import router from {ROUTER_FILE};",
+        f"js_shared_dict_zone zone=gateway_sessions:16m timeout={args.session_ttl_seconds}s evict;",
+        "js_shared_dict_zone zone=gateway_engines:1m type=number;",
+        "js_shared_dict_zone zone=gateway_metrics:4m type=number;",
+        "js_var $deployment;",
+        "js_var $route_upstream;",
+        "js_var $route_uri;",
+        "js_var $route_engine;",
+        "js_var $route_body;",
+        "# Evaluated by the access log, i.e. when the request is over: open-request bookkeeping.",
+        "js_set $route_done router.finished;",
     ]
 
 
@@ -342,6 +529,7 @@ def _log_format() -> list[str]:
         ("request_id", '"$request_id"'),
         ("key_id", '"$api_key_id"'),
         ("deployment", '"$deployment"'),
+        ("route", '"$route_done"'),
         ("remote_addr", '"$remote_addr"'),
         ("method", '"$request_method"'),
         ("path", '"$uri"'),
@@ -364,14 +552,9 @@ def _upstream(args: NginxConfArgs, backend: Backend) -> list[str]:
     server = UPSTREAM_MODES[args.mode]["server"]
     assert server is not None
     health = f"max_fails={MAX_FAILS} fail_timeout={FAIL_TIMEOUT_SECONDS}s"
-    if args.load_balancing == "sessionAffinity":
-        # Not `consistent`: ketama points are keyed by the server's *name*, and every leader
-        # resolved from the one Service name shares it, so nginx (1.30.6, measured) picks
-        # among them round robin. A request without the header has an empty key, which the
-        # hash balancer also serves round robin, not all on one engine.
-        balance = [f"hash {affinity_variable(args.affinity_header)};"]
-    else:
-        balance = ["least_conn;"]
+    # Sessions go to the per-engine upstreams the router picks; requests without a session
+    # come here and go to the engine with the fewest open requests.
+    balance = ["least_conn;"]
     return _block(
         f"upstream {backend.upstream}",
         [
@@ -379,6 +562,25 @@ def _upstream(args: NginxConfArgs, backend: Backend) -> list[str]:
             *balance,
             *(server.format(address=a, health=health) for a in backend.addresses),
             "keepalive 32;",
+            f"keepalive_timeout {UPSTREAM_KEEPALIVE_TIMEOUT_SECONDS}s;",
+        ],
+    )
+
+
+def _engine_upstream(args: NginxConfArgs, backend: Backend, name: str, address: str) -> list[str]:
+    """One engine of a deployment, the router's pick for a session; the others are its
+    backups, so a request still lands when the picked engine is gone."""
+    server = UPSTREAM_MODES[args.mode]["server"]
+    assert server is not None
+    health = f"max_fails={MAX_FAILS} fail_timeout={FAIL_TIMEOUT_SECONDS}s"
+    backups = [a for a in backend.engine_addresses if a != address]
+    return _block(
+        f"upstream {name}",
+        [
+            f"zone {name} 64k;",
+            server.format(address=address, health=health),
+            *(server.format(address=a, health=f"{health} backup") for a in backups),
+            "keepalive 16;",
             f"keepalive_timeout {UPSTREAM_KEEPALIVE_TIMEOUT_SECONDS}s;",
         ],
     )
@@ -429,11 +631,9 @@ def _blocked_regex() -> str:
 
 
 def _api_server(args: NginxConfArgs) -> list[str]:
-    default = next(d for d in args.deployments if d.name == args.default_deployment)
     lines = [
         f"listen {args.listen};",
         "server_name _;",
-        'set $deployment "";',
         "add_header X-Request-Id $request_id always;",
         "error_page 413 @too_large;",
         "error_page 429 @rate_limited;",
@@ -444,43 +644,134 @@ def _api_server(args: NginxConfArgs) -> list[str]:
             f"location = {HEALTH_PATH}", ["access_log off;", """return 200 '{"status":"ok"}\\n';"""]
         ),
         *_block(f"location ~ {_blocked_regex()}", [f"return 404 {_NOT_FOUND};"]),
-        *_api_location(args, "/v1/", default, "/v1/"),
+        *_api_location(args, "= /v1/models", "router.models"),
+        *_api_location(args, "/v1/models/", "router.models"),
+        *_api_location(args, "/v1/", "router.dispatch"),
     ]
     for d in args.deployments:
-        lines += _api_location(args, f"/{d.name}/v1/", d, "/v1/")
+        lines += _api_location(args, f"/{d.name}/v1/", "router.dispatch")
     lines += [
-        *_api_location(args, f"= {CHAT_ALIAS}", default, CHAT_PATH),
+        *_api_location(args, f"= {CHAT_ALIAS}", "router.dispatch"),
         *_block(f"location = {REMOVED_GENERATE}", [f"return 410 {_GENERATE_GONE};"]),
+        *_block("location @engine", _proxy(args)),
+        *_block("location @engine_rewritten", ["proxy_set_body $route_body;", *_proxy(args)]),
     ]
+    if quota_enabled(args):
+        lines += _block(f"location = {QUOTA_PATH}", _quota_proxy())
+    for d in args.deployments:
+        if d.encoder:
+            lines += _block(f"location {ENCODER_PATH}/{d.name}/", _encoder_proxy(args, d))
     return [
         *lines,
         *_block("location /", [f"return 404 {_NOT_FOUND};"]),
         *_block("location @too_large", [f"return 413 {_too_large(args)};"]),
-        *_block("location @rate_limited", [f"return 429 {_RATE_LIMITED};"]),
+        *_block("location @rate_limited", ["js_content router.rateLimited;"]),
         *_block("location @bad_gateway", [f"return 502 {_BAD_GATEWAY};"]),
         *_block("location @gateway_timeout", [f"return 504 {_GATEWAY_TIMEOUT};"]),
+        *_block(
+            "location @session_recount",
+            [f"js_periodic router.recount interval={SESSION_RECOUNT_SECONDS}s;"],
+        ),
+        *(
+            _block(
+                "location @engine_health",
+                [
+                    f"js_periodic router.probe interval={HEALTH_PROBE_SECONDS}s;",
+                    f"js_fetch_timeout {HEALTH_PROBE_TIMEOUT_SECONDS}s;",
+                ],
+            )
+            if args.load_balancing == "sessionAffinity"
+            else []
+        ),
     ]
 
 
-def _api_location(args: NginxConfArgs, match: str, backend: Backend, target: str) -> list[str]:
+def _api_location(args: NginxConfArgs, match: str, handler: str) -> list[str]:
+    """Auth and the per-pod rate limit in nginx, then the router (njs) takes the request."""
     return _block(
         f"location {match}",
         [
-            f"set $deployment {backend.name};",
             *_block('if ($api_key_id = "")', [f"return 401 {_UNAUTHORIZED};"]),
             f"limit_req zone=per_key burst={args.burst} nodelay;",
-            # Any proxy_set_header here drops inherited ones, so all of them are listed here.
-            'proxy_set_header Connection "";',
-            "proxy_set_header X-Request-Id $request_id;",
-            "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
-            "proxy_set_header X-Forwarded-Proto $scheme;",
-            f"include {args.paths.secrets_dir}/{ENGINE_AUTH_FILE};",
-            "add_header X-Request-Id $request_id always;",
-            "# For any buffering proxy the client puts in front of us.",
-            "add_header X-Accel-Buffering no always;",
-            f"proxy_pass http://{backend.upstream}{target};",
+            f"js_content {handler};",
         ],
     )
+
+
+def _proxy(args: NginxConfArgs) -> list[str]:
+    """Where the router hands a request back to nginx: the engine it picked, the answer
+    streamed back (the body read once, by nginx, before the router ran)."""
+    return [
+        "internal;",
+        # Any proxy_set_header here drops inherited ones, so all of them are listed here.
+        'proxy_set_header Connection "";',
+        "proxy_set_header X-Request-Id $request_id;",
+        "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
+        "proxy_set_header X-Forwarded-Proto $scheme;",
+        f"include {args.paths.secrets_dir}/{ENGINE_AUTH_FILE};",
+        "add_header X-Request-Id $request_id always;",
+        "# For any buffering proxy the client puts in front of us.",
+        "add_header X-Accel-Buffering no always;",
+        "proxy_pass http://$route_upstream$route_uri;",
+    ]
+
+
+def _encoder_upstream(args: NginxConfArgs, backend: Backend) -> list[str]:
+    """The vision encoder tier of a disaggregated deployment (issue 17 fills in the details)."""
+    server = UPSTREAM_MODES[args.mode]["server"]
+    assert server is not None
+    health = f"max_fails={MAX_FAILS} fail_timeout={FAIL_TIMEOUT_SECONDS}s"
+    return _block(
+        f"upstream {backend.encoder_upstream}",
+        [
+            f"zone {backend.encoder_upstream} 64k;",
+            "least_conn;",
+            *(server.format(address=a, health=health) for a in backend.encoder_addresses),
+            "keepalive 16;",
+            f"keepalive_timeout {UPSTREAM_KEEPALIVE_TIMEOUT_SECONDS}s;",
+        ],
+    )
+
+
+def _encoder_proxy(args: NginxConfArgs, backend: Backend) -> list[str]:
+    """The router's encoder pre-step (a subrequest carrying its own body); the request id
+    comes as `rid`, since a subrequest has an id of its own."""
+    return [
+        "internal;",
+        'proxy_set_header Connection "";',
+        "proxy_set_header X-Request-Id $arg_rid;",
+        f"include {args.paths.secrets_dir}/{ENGINE_AUTH_FILE};",
+        *_encoder_limits(backend),
+        f"proxy_pass http://{backend.encoder_upstream}/;",
+    ]
+
+
+def _encoder_limits(backend: Backend) -> list[str]:
+    """Per attempt vision.timeoutSeconds, then another encoder up to vision.retries times; a POST
+    is retried only with non_idempotent (the encoder step has no side effect but a cache file)."""
+    if backend.vision is None:
+        return []
+    timeout = f"{round(backend.vision.timeout_seconds * 1000)}ms"
+    return [
+        f"proxy_connect_timeout {timeout};",
+        f"proxy_send_timeout {timeout};",
+        f"proxy_read_timeout {timeout};",
+        "proxy_next_upstream error timeout http_500 http_502 http_503 http_504 non_idempotent;",
+        f"proxy_next_upstream_tries {1 + backend.vision.retries};",
+    ]
+
+
+def _quota_proxy() -> list[str]:
+    """The router's quota question to the sidecar: headers only, never the (large) body."""
+    return [
+        "internal;",
+        "proxy_pass_request_body off;",
+        'proxy_set_header Content-Length "";',
+        'proxy_set_header Connection "";',
+        "proxy_connect_timeout 1s;",
+        "proxy_read_timeout 2s;",
+        "proxy_pass http://gateway_quota/check$is_args$args;",
+    ]
 
 
 def _status_server(args: NginxConfArgs) -> list[str]:
@@ -488,5 +779,23 @@ def _status_server(args: NginxConfArgs) -> list[str]:
         f"listen {args.status_listen};",
         "access_log off;",
         *_block(f"location = {STATUS_PATH}", ["stub_status;"]),
+        *_block("location /", ["return 404;"]),
+    ]
+
+
+def _metrics_server(args: NginxConfArgs) -> list[str]:
+    """The router's counters for Prometheus (no keys in them: key ids only)."""
+    return [
+        f"listen {args.metrics_listen};",
+        "access_log off;",
+        *_block(f"location = {METRICS_PATH}", ["js_content router.metrics;"]),
+        *(
+            _block(
+                "location = /_quota_metrics",
+                ["internal;", "proxy_pass http://gateway_quota/metrics;"],
+            )
+            if quota_enabled(args)
+            else []
+        ),
         *_block("location /", ["return 404;"]),
     ]

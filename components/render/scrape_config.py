@@ -19,12 +19,14 @@ import yaml
 
 # Job names: the in-cluster monitors set `job` to these through relabelling.
 JOB_VLLM: Final = "vllm"
+JOB_ENCODER: Final = "vllm-encoder"  # the vision tier's encoder-only vLLM pods (docs/vision.md)
 JOB_DCGM: Final = "dcgm-exporter"
 JOB_NGINX: Final = "nginx-exporter"
+JOB_ROUTER: Final = "gateway-router"  # the gateway's routing tier and quota sidecar (njs)
 JOB_REDIS: Final = "redis-exporter"
 # kube-prometheus-stack's bundled node rules and dashboards expect this exact job name.
 JOB_NODE: Final = "node-exporter"
-JOBS: Final = (JOB_VLLM, JOB_DCGM, JOB_NGINX, JOB_REDIS, JOB_NODE)
+JOBS: Final = (JOB_VLLM, JOB_ENCODER, JOB_DCGM, JOB_NGINX, JOB_ROUTER, JOB_REDIS, JOB_NODE)
 
 # Labels added to every vLLM leader's series (vLLM itself only adds model_name and engine).
 DEPLOYMENT: Final = "deployment"

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from components.render.redis_conf import LMCACHE_KV_TRANSFER_CONFIG, build_lmcache_env
+from components.render.vision_flags import connector_env, consumer_flags, disaggregated
 from stacks.catalog import InstanceType, instance_type
 from stacks.naming import (
     ENGINE_API_KEY_ENTRY,
@@ -182,7 +183,8 @@ def engine_flags(d: DeploymentSettings) -> list[str]:
         # A Hub revision pins the weights; an S3 prefix is pinned by what was copied there.
         flags += ["--revision", d.revision]
     flags += [
-        "--served-model-name", served_model_name(d),
+        # Aliases too: the gateway routes them unchanged, so vLLM must accept each name.
+        "--served-model-name", served_model_name(d), *d.model_aliases,
         "--tensor-parallel-size", str(d.tensor_parallel),
         "--pipeline-parallel-size", str(d.pipeline_parallel),
         "--dtype", d.dtype,
@@ -198,13 +200,26 @@ def engine_flags(d: DeploymentSettings) -> list[str]:
         "--port", str(VLLM_PORT),
         "--disable-access-log-for-endpoints", ",".join(QUIET_ENDPOINTS),
     ]  # fmt: skip
+    if d.priority_scheduling:
+        # The gateway sets each request's `priority` (docs/reference/vllm.md#priority).
+        flags += ["--scheduling-policy", "priority"]
+    flags += image_guard_flags(d)
     if d.expert_parallel:
         flags.append("--enable-expert-parallel")
     if d.weights.s3_uri is not None:
         flags += ["--load-format", "runai_streamer"]
     if d.kv_offload_redis:
         flags += ["--kv-transfer-config", LMCACHE_KV_TRANSFER_CONFIG]
-    return flags
+    return flags + consumer_flags(d)
+
+
+def image_guard_flags(d: DeploymentSettings) -> list[str]:
+    """The image guard's processor limit; the vision tier's encoders take it too, or their
+    outputs would not have the token count the engines expect."""
+    if d.max_image_pixels is None:
+        return []
+    kwargs = {"max_pixels": d.max_image_pixels}
+    return ["--mm-processor-kwargs", json.dumps(kwargs, separators=(",", ":"))]
 
 
 def _multi_node_flags(
@@ -284,6 +299,8 @@ def build_vllm_env(spec: EngineSpec, role: Role = LEADER) -> list[EnvVar]:
     ]
     if spec.hf_token:
         env.append(_secret(HF_TOKEN_ENTRY, spec.secret_name))
+    if disaggregated(d):
+        env.append(connector_env())  # our EC connector module (docs/vision.md#connector)
     if d.kv_offload_redis:
         # every rank: LMCache's connector stores and loads KV inside each GPU worker
         redis_host = service_host(REDIS_NAME, spec.serving.namespace)

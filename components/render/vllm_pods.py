@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Final
 
+from components.render.vision_flags import disaggregated, vision_mounts, vision_volumes
 from components.render.vllm_command import (
     CACHE_MOUNT_PATH,
     LEADER,
@@ -263,6 +264,8 @@ def build_container(spec: EngineSpec, role: Role) -> dict[str, Any]:
         ],
         "lifecycle": {"preStop": {"sleep": {"seconds": _prestop_seconds(d, role)}}},
     }
+    if disaggregated(d):
+        container["volumeMounts"] += vision_mounts()
     if spec.efa:
         # libfabric pins (mlocks) its EFA buffers
         container["securityContext"] = {"capabilities": {"add": ["IPC_LOCK"]}}
@@ -363,6 +366,8 @@ def build_volumes(spec: EngineSpec) -> list[dict[str, Any]]:
                 "hostPath": {"path": NODE_CACHE_PATH, "type": "DirectoryOrCreate"},
             }
         )
+    if disaggregated(spec.deployment):
+        volumes += vision_volumes()
     # cache "pvc": the LWS volumeClaimTemplates entry of the same name provides the volume
     return volumes
 
@@ -493,19 +498,27 @@ def build_lws(spec: EngineSpec) -> dict[str, Any]:
 def build_leader_service(spec: EngineSpec) -> dict[str, Any]:
     """Headless Service over the ready leaders only: the gateway's upstream and the scrape target."""
     d = spec.deployment
+    # the labels LWS itself puts on leader pods (and selects them by for HPA)
+    leaders = {LWS_NAME_LABEL: lws_name(d.name), LWS_WORKER_INDEX_LABEL: "0"}
+    return headless_vllm_service(leader_service_name(d.name), deployment_labels(d), leaders)
+
+
+def headless_vllm_service(
+    name: str, labels: dict[str, str], selector: dict[str, str]
+) -> dict[str, Any]:
+    """A headless Service over the ready pods of `selector`, on vLLM's HTTP port."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {
-            "name": leader_service_name(d.name),
-            "labels": deployment_labels(d),
+            "name": name,
+            "labels": labels,
             # Pulumi would wait for endpoints, i.e. for a model load of up to an hour
             "annotations": {"pulumi.com/skipAwait": "true"},
         },
         "spec": {
             "clusterIP": "None",
-            # the labels LWS itself puts on leader pods (and selects them by for HPA)
-            "selector": {LWS_NAME_LABEL: lws_name(d.name), LWS_WORKER_INDEX_LABEL: "0"},
+            "selector": selector,
             "ports": [
                 {
                     "name": VLLM_PORT_NAME,

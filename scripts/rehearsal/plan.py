@@ -20,18 +20,25 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from components.render.alert_rules import build_alert_rules, render_alert_rules
+from components.render.gateway_pod import COMPONENT as GATEWAY_COMPONENT
 from components.render.gateway_pod import GatewayPod, build_pod_spec, build_start_script
+from components.render.network_policies import build_network_policies
 from components.render.nginx_conf import (
     API_KEYS_FILE,
     CONF_DIR,
     CONF_FILE,
     ENGINE_AUTH_FILE,
     HEALTH_PATH,
+    ROUTER_FILE,
+    ROUTES_FILE,
+    NginxConfArgs,
     NginxPaths,
     build_nginx_conf_args,
     render_api_keys_map,
     render_engine_auth,
     render_nginx_conf,
+    render_routes_js,
+    router_source,
 )
 from components.render.redis_conf import (
     EXPORTER_PASSWORD_ENTRY,
@@ -39,12 +46,14 @@ from components.render.redis_conf import (
     RedisConf,
     render_redis_conf,
 )
+from components.render.redis_pod import COMPONENT as REDIS_COMPONENT
 from components.render.redis_pod import RedisPod
 from components.render.redis_pod import build_pod_spec as redis_pod_spec
 from components.render.scrape_config import (
     JOB_NGINX,
     JOB_NODE,
     JOB_REDIS,
+    JOB_ROUTER,
     JOB_VLLM,
     NODE,
     ScrapeTarget,
@@ -64,6 +73,7 @@ from components.render.vllm_command import (
     spec_for,
 )
 from components.render.vllm_pods import build_pod_template
+from scripts.rehearsal import firewall as fw
 from scripts.rehearsal import inventory as inv
 from scripts.rehearsal.layout import Layout
 from scripts.rehearsal.netns import Network, netns_name, plan_network
@@ -79,22 +89,27 @@ from stacks.catalog import instance_type, supports_phc
 from stacks.naming import (
     BLOCKED_PATHS,
     ENGINE_API_KEY_ENTRY,
+    GATEWAY_METRICS_PORT,
     GATEWAY_NAME,
     GATEWAY_PORT,
     GATEWAY_STATUS_PORT,
     HF_TOKEN_ENTRY,
+    LWS_GROUP_INDEX_LABEL,
+    LWS_NAME_LABEL,
     LWS_WORKER_INDEX_LABEL,
     MASTER_PORT,
     MONITORING_NAMESPACE,
     NGINX_EXPORTER_PORT,
     NODE_EXPORTER_PORT,
     PASSWORD_LENGTH,
+    PROMETHEUS_POD_LABELS,
     PROMETHEUS_PORT,
     PROMETHEUS_SERVICE,
     REDIS_EXPORTER_PORT,
     REDIS_NAME,
     REDIS_PORT,
     VLLM_PORT,
+    common_labels,
     leader_address,
     leader_service_name,
     lws_name,
@@ -129,6 +144,15 @@ AS_NGINX_USER: Final = (
     f"--regid={NGINX_GROUP}",
     "--clear-groups",
 )
+# The gateway's routing tier needs njs >= 0.8: the sid chroot's nginx runs it, seeing the
+# rehearsal's state directory at its own path (scripts/sid-nginx.sh).
+SID_NGINX: Final = Path(__file__).resolve().parents[1] / "sid-nginx.sh"
+
+
+def sid_nginx(state_dir: Path) -> tuple[str, ...]:
+    return (str(SID_NGINX), "--user", f"{NGINX_USER}:{NGINX_GROUP}", str(state_dir), "--")
+
+
 CHRONY_USER: Final = "_chrony"  # Debian's chronyd drops to it; it writes the drift file
 PHC_LINE: Final = re.compile(r"^refclock PHC.*\n", re.MULTILINE)
 
@@ -173,8 +197,9 @@ SUBSTITUTIONS: Final[tuple[Substitution, ...]] = (
         "programs",
         "container images (nginx 1.28, redis 7.4, redis_exporter, nginx-prometheus-exporter, "
         "kube-prometheus-stack)",
-        "Debian bookworm packages: nginx 1.22, redis-server 7.0, prometheus 2.42, "
-        "prometheus-{nginx,redis,node}-exporter, chrony 4.3",
+        "Debian bookworm packages: redis-server 7.0, prometheus 2.42, "
+        "prometheus-{nginx,redis,node}-exporter, chrony 4.3; nginx 1.30 with njs 1.0 from the "
+        "Debian sid chroot (`scripts/sid-nginx.sh`)",
         "what this machine can install",
     ),
     Substitution(
@@ -225,9 +250,12 @@ SUBSTITUTIONS: Final[tuple[Substitution, ...]] = (
     ),
     Substitution(
         "GPU- and cloud-only flags (real engine)",
-        "`--load-format runai_streamer` (weights from S3), `--kv-transfer-config` (LMCache)",
-        "dropped with their value (no stack renders them today)",
-        "the tiny model is a local directory; LMCache is not in the CPU build",
+        "`--load-format runai_streamer` (weights from S3), `--kv-transfer-config` (LMCache), "
+        "`--ec-transfer-config` (the vision tier) and its connector's PYTHONPATH",
+        "dropped with their value: a disaggregated deployment's engines encode their images "
+        "themselves; `python -m scripts.rehearsal.epd` rehearses the vision tier",
+        "the tiny model is a local directory; LMCache is not in the CPU build; the shared EFS "
+        "volume is not in the namespaces",
     ),
     Substitution(
         "0.33-only flag spellings (real engine)",
@@ -275,6 +303,18 @@ SUBSTITUTIONS: Final[tuple[Substitution, ...]] = (
         "requests reach the gateway from another host, never from the root namespace",
     ),
     Substitution(
+        "NetworkPolicy enforcement",
+        "the VPC CNI's network policy agent (`enableNetworkPolicy`) enforces the stack's "
+        "NetworkPolicies on pod traffic; node (host network) traffic is not subject to them",
+        "nftables in each pod host's namespace (table `inet qvr_policy`, default drop), "
+        "translated from the same rendered policies (`scripts/rehearsal/firewall.py`); node "
+        "traffic accepted explicitly: chronyd to the time server (udp/123), Prometheus to the "
+        "node exporter (tcp/9100); the `timeserver` and `client` namespaces stand outside the "
+        "cluster and are not filtered; the `services` host sends what any of its pods may; "
+        "`--no-firewall` turns it off",
+        "no VPC CNI on one machine",
+    ),
+    Substitution(
         "secrets",
         "pulumi-random values in Kubernetes Secrets (`VLLM_API_KEY`, `HF_TOKEN`, the "
         "gateway's key map and engine auth, Redis passwords)",
@@ -288,7 +328,7 @@ SUBSTITUTIONS: Final[tuple[Substitution, ...]] = (
         "`include /run/gateway/resolver.conf`",
         "`server <LWS leader name>:8000` per rehearsed group, no resolver include "
         "(nginx_conf static mode)",
-        "bookworm's nginx 1.22 has no `resolve`",
+        "no DNS server inside the rehearsal",
     ),
     Substitution(
         "gateway paths",
@@ -514,6 +554,7 @@ class RehearsalPlan:
     endpoints: tuple[Endpoint, ...]
     inventory: Mapping[str, Any]
     directories: tuple[tuple[Path, str | None], ...] = ()  # (dir, owner)
+    firewall: tuple[tuple[str, Path], ...] = ()  # (host, its nft script), loaded before stage 1
 
     def netns(self, role: str) -> str:
         return netns_name(self.run, role)
@@ -534,6 +575,7 @@ class Options:
     engine: EngineKind = "standin"
     real: RealEngine = field(default_factory=RealEngine)
     engine_timeout: float = DEFAULT_ENGINE_TIMEOUT_S
+    firewall: bool = True  # the stack's NetworkPolicies as nftables in the namespaces
 
     @property
     def distributed_timeout_s(self) -> float:
@@ -565,7 +607,13 @@ def plan_rehearsal(settings: Settings, secrets_: RunSecrets, options: Options) -
     hosts = _hosts(settings, pods)
     network = plan_network(options.run, [(h.role, h.names) for h in hosts])
     ctx = _Context(settings, secrets_, options, network, hosts, pods)
-    files = [*_gateway_files(ctx), *_services_files(ctx), *_chrony_files(ctx)]
+    firewall = _firewall_files(ctx)
+    files = [
+        *_gateway_files(ctx),
+        *_services_files(ctx),
+        *_chrony_files(ctx),
+        *firewall.values(),
+    ]
     processes = [
         *_chrony_processes(ctx),
         *_node_exporters(ctx),
@@ -584,6 +632,7 @@ def plan_rehearsal(settings: Settings, secrets_: RunSecrets, options: Options) -
         endpoints=tuple(_endpoints(ctx)),
         inventory=_inventory(ctx),
         directories=tuple(_directories(ctx)),
+        firewall=tuple((role, spec.path) for role, spec in firewall.items()),
     )
 
 
@@ -660,7 +709,11 @@ def _gpu_phc(settings: Settings, pod: EnginePod) -> bool:
 
 def gateway_paths(layout: Layout, role: str) -> NginxPaths:
     base = layout.host(role)
-    return NginxPaths(secrets_dir=str(base / "gateway-secrets"), runtime_dir=str(base / "run"))
+    return NginxPaths(
+        secrets_dir=str(base / "gateway-secrets"),
+        runtime_dir=str(base / "run"),
+        conf_dir=str(gateway_conf_path(layout, role).parent),
+    )
 
 
 def gateway_conf_path(layout: Layout, role: str) -> Path:
@@ -678,28 +731,30 @@ def static_upstreams(settings: Settings, max_groups: int) -> dict[str, list[str]
     }
 
 
-def render_rehearsal_nginx_conf(
+def rehearsal_nginx_conf_args(
     settings: Settings, layout: Layout, role: str, max_groups: int
-) -> str:
-    args = build_nginx_conf_args(
+) -> NginxConfArgs:
+    return build_nginx_conf_args(
         settings,
         mode="static",
         static_addresses=static_upstreams(settings, max_groups),
         paths=gateway_paths(layout, role),
     )
-    return render_nginx_conf(args)
 
 
 def _gateway_files(ctx: _Context) -> list[FileSpec]:
     files: list[FileSpec] = []
     for host in ctx.of_kind("gateway"):
         paths = gateway_paths(ctx.options.layout, host.role)
-        conf = render_rehearsal_nginx_conf(
+        args = rehearsal_nginx_conf_args(
             ctx.settings, ctx.options.layout, host.role, ctx.options.max_groups
         )
         secrets_dir = Path(paths.secrets_dir)
+        conf_dir = Path(paths.conf_dir)
         files += [
-            FileSpec(gateway_conf_path(ctx.options.layout, host.role), conf),
+            FileSpec(gateway_conf_path(ctx.options.layout, host.role), render_nginx_conf(args)),
+            FileSpec(conf_dir / ROUTER_FILE, router_source()),
+            FileSpec(conf_dir / ROUTES_FILE, render_routes_js(args)),
             # The pod mounts the Secret with mode 0440, readable by nginx's group only.
             FileSpec(
                 secrets_dir / API_KEYS_FILE,
@@ -751,7 +806,7 @@ def _gateway_processes(ctx: _Context) -> list[ProcessSpec]:
                 name=f"{host.role}-nginx",
                 host=host.role,
                 program="nginx",
-                argv=(*AS_NGINX_USER, *nginx_argv(ctx.settings, conf)),
+                argv=(*sid_nginx(ctx.options.layout.state_dir), *nginx_argv(ctx.settings, conf)),
                 env=base_env(),
                 stage=2,
                 ready=Ready(
@@ -810,6 +865,9 @@ def scrape_targets(ctx: _Context) -> dict[str, list[ScrapeTarget]]:
         ],
         JOB_NGINX: [
             ScrapeTarget(f"{h.role}:{NGINX_EXPORTER_PORT}") for h in ctx.of_kind("gateway")
+        ],
+        JOB_ROUTER: [
+            ScrapeTarget(f"{h.role}:{GATEWAY_METRICS_PORT}") for h in ctx.of_kind("gateway")
         ],
         JOB_NODE: [
             ScrapeTarget(f"{h.role}:{NODE_EXPORTER_PORT}", {NODE: h.role})
@@ -1012,6 +1070,88 @@ def _node_exporters(ctx: _Context) -> list[ProcessSpec]:
         for host in ctx.hosts
         if host.node
     ]
+
+
+# --------------------------------------------------------------------------- firewall
+
+
+def firewall_path(layout: Layout, role: str) -> Path:
+    return layout.host(role) / "firewall.nft"
+
+
+def engine_pod_labels(settings: Settings, pod: EnginePod) -> dict[str, str]:
+    """The pod's labels in the cluster: its rendered template's and those LWS's controller adds
+    (docs/reference/eks-network-policy.md#lws-pod-labels)."""
+    template = build_pod_template(spec_for(settings, pod.deployment), pod.role)
+    return {
+        **template["metadata"]["labels"],
+        LWS_NAME_LABEL: lws_name(pod.deployment.name),
+        LWS_GROUP_INDEX_LABEL: str(pod.group),
+        LWS_WORKER_INDEX_LABEL: str(pod.rank),
+    }
+
+
+def gateway_pod_labels() -> dict[str, str]:
+    """The gateway Deployment's pod labels (components/gateway.py builds them the same way)."""
+    return common_labels(GATEWAY_COMPONENT, GATEWAY_NAME)
+
+
+def redis_pod_labels() -> dict[str, str]:
+    """The Redis StatefulSet's pod labels (components/redis.py builds them the same way)."""
+    return common_labels(REDIS_COMPONENT, REDIS_NAME)
+
+
+def pods_on(ctx: _Context, host: HostPlan) -> list[fw.Endpoint]:
+    """The cluster's pods a host stands for, with their namespaces and labels."""
+    ns, address = ctx.namespace, ctx.address(host.role)
+    if host.kind == "gateway":
+        return [fw.Endpoint(host.role, ns, gateway_pod_labels(), address)]
+    if host.kind == "engine":
+        pod = next(p for p in ctx.pods if p.name == host.role)
+        return [fw.Endpoint(pod.name, ns, engine_pod_labels(ctx.settings, pod), address)]
+    if host.kind == "services":
+        # Two pods on one host: each says which ports are its own (scripts/rehearsal/firewall.py).
+        found: list[fw.Endpoint] = []
+        if ctx.settings.redis.enabled:
+            ports = (REDIS_PORT, REDIS_EXPORTER_PORT)
+            found.append(fw.Endpoint(REDIS_NAME, ns, redis_pod_labels(), address, ports))
+        if ctx.settings.monitoring.enabled:
+            labels = dict(PROMETHEUS_POD_LABELS)
+            ports = (PROMETHEUS_PORT,)
+            found.append(fw.Endpoint("prometheus", MONITORING_NAMESPACE, labels, address, ports))
+        return found
+    if host.kind in ("timeserver", "client"):
+        return []  # outside the cluster: Amazon's time service, a client of the load balancer
+    raise PlanError(f"host {host.role}: no pods known for its kind {host.kind!r} (plan.pods_on)")
+
+
+def node_traffic(ctx: _Context) -> fw.NodeTraffic:
+    """What the simulated node itself sends and receives beside its pods: host-network traffic,
+    which NetworkPolicies do not govern in the cluster either."""
+    scraped = (
+        (f"ip saddr {ctx.address(SERVICES)} tcp dport {NODE_EXPORTER_PORT}",)
+        if ctx.settings.monitoring.enabled
+        else ()
+    )
+    to_time = f"ip daddr {ctx.address(TIMESERVER)} udp dport {NTP_PORT}"
+    return fw.NodeTraffic(ingress=scraped, egress=(to_time,))
+
+
+def _firewall_files(ctx: _Context) -> dict[str, FileSpec]:
+    """Each pod host's nftables script, from the policies the cluster gets (by host role)."""
+    if not ctx.options.firewall:
+        return {}
+    hosts = {h.role: pods_on(ctx, h) for h in ctx.hosts}
+    everyone = [pod for found in hosts.values() for pod in found]
+    try:
+        rules = fw.translate(build_network_policies(ctx.settings), everyone, node_traffic(ctx))
+    except fw.FirewallError as err:
+        raise PlanError(f"firewall: {err} (or rehearse with --no-firewall)") from None
+    return {
+        role: FileSpec(firewall_path(ctx.options.layout, role), rules[ctx.address(role)])
+        for role, found in hosts.items()
+        if found
+    }
 
 
 # --------------------------------------------------------------------------- engines
@@ -1222,6 +1362,7 @@ def _inventory(ctx: _Context) -> dict[str, Any]:
         "run": ctx.options.run,
         "engine": ctx.options.engine,
         "client_netns": netns_name(ctx.options.run, CLIENT),
+        "firewall": ctx.options.firewall,
         "secrets_file": str(ctx.options.layout.secrets),
         "hosts": hosts,
         "endpoints": [asdict(e) for e in _endpoints(ctx)],

@@ -24,6 +24,7 @@ from typing import Final
 
 from scripts.engine.flag_spellings import NoEquivalentError, translate_033_to_032
 from scripts.rehearsal.layout import REPO_ROOT
+from stacks.naming import EC_CONNECTOR_MOUNT
 
 # `make engine` (ENGINE_VENV, ENGINE_MODEL in the Makefile)
 DEFAULT_VLLM: Final = REPO_ROOT / ".venv-engine" / "bin" / "vllm"
@@ -39,7 +40,11 @@ MAX_NNODES: Final = 2  # 2 ranks (~2.7 GiB each) is what 8 GB and 2 cores hold
 DROPPED_FLAGS: Final[Mapping[str, str]] = {
     "--load-format": "runai_streamer reads the weights from S3; the tiny model is a local directory",
     "--kv-transfer-config": "the LMCache connector (GPU KV offload) is not in the CPU build",
+    # scripts/rehearsal/epd.py keeps it and rehearses the vision tier on loopback
+    "--ec-transfer-config": "the vision tier's shared EFS volume is not in the namespaces",
 }
+# The flag whose dropping the vision tier's own rehearsal undoes (scripts/rehearsal/epd.py).
+EC_TRANSFER_FLAG: Final = "--ec-transfer-config"
 # Env the rehearsal adds to (or changes in) the engine pod's env.
 ADDED_ENV: Final[Mapping[str, str]] = {
     # One process less per engine (API server and EngineCore share one), ~1 GiB less RSS.
@@ -101,8 +106,11 @@ def group_layout(nnodes: int) -> tuple[int, int]:
     return nnodes, 1
 
 
-def real_argv(vllm_argv: Sequence[str], real: RealEngine) -> list[str]:
-    """The pod's `vllm serve MODEL ...` with the CPU substitutions (docs/rehearsal.md)."""
+def real_argv(
+    vllm_argv: Sequence[str], real: RealEngine, *, keep: frozenset[str] = frozenset()
+) -> list[str]:
+    """The pod's `vllm serve MODEL ...` with the CPU substitutions (docs/rehearsal.md);
+    `keep` names DROPPED_FLAGS that stay."""
     command, flags = list(vllm_argv[: len(SERVE) + 1]), list(vllm_argv[len(SERVE) + 1 :])
     if command[: len(SERVE)] != list(SERVE) or len(command) <= len(SERVE):
         raise SubstitutionError(f"expected `vllm serve MODEL ...`, got {command}")
@@ -114,7 +122,7 @@ def real_argv(vllm_argv: Sequence[str], real: RealEngine) -> list[str]:
         flags = translate_033_to_032(flags)  # 0.32 spells 50 negative booleans differently
     except NoEquivalentError as err:
         raise SubstitutionError(str(err)) from None
-    for flag in DROPPED_FLAGS:
+    for flag in set(DROPPED_FLAGS) - keep:
         while flag in flags[:-1]:
             i = flags.index(flag)
             del flags[i : i + 2]
@@ -134,6 +142,8 @@ def real_argv(vllm_argv: Sequence[str], real: RealEngine) -> list[str]:
 def real_env(pod_env: Mapping[str, str], cache_dir: Path) -> dict[str, str]:
     """The pod's env with the cache volume's paths moved under `cache_dir` and ADDED_ENV."""
     env = dict(pod_env)
+    if env.get("PYTHONPATH") == EC_CONNECTOR_MOUNT:  # the vision tier's connector (dropped)
+        del env["PYTHONPATH"]
     for var in CACHE_ENV:
         if var in env:
             env[var] = str(cache_dir / Path(env[var]).name)

@@ -14,6 +14,7 @@ from stacks.rules.observability import autoscaling_rules, observability_rules
 from stacks.rules.platform import network_rules, node_group_rules, platform_rules, tag_rules
 from stacks.rules.prod import prod_rules, warnings
 from stacks.rules.serving import deployment_rules, engine_rules
+from stacks.rules.vision import vision_rules
 from stacks.schema import Settings
 
 __all__ = ["RULES", "validate", "warnings"]
@@ -32,6 +33,7 @@ RULES: tuple[Rule, ...] = (
     data_rules,
     webui_rules,
     gateway_rules,
+    vision_rules,
 )
 
 

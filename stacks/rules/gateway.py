@@ -12,7 +12,7 @@ from stacks.naming import (
 )
 from stacks.parse import Problem
 from stacks.rules.common import deployment_path, positive, unique
-from stacks.schema import Settings
+from stacks.schema import DeploymentSettings, Settings
 from stacks.versions import NGINX_RESOLVE_MIN_VERSION
 
 # Gateway (components/render/nginx_conf.py, components/gateway.py).
@@ -80,6 +80,8 @@ def gateway_rules(s: Settings) -> Iterator[Problem]:
     if g.rate_limit.burst < 0:
         yield Problem("gateway.rateLimit.burst", "must be 0 or more", g.rate_limit.burst)
     yield from _gateway_tls_problems(s)
+    yield from _routing_problems(s)
+    yield from _key_policy_problems(s)
     for d in s.serving.deployments:
         if d.name in RESERVED_ROUTE_NAMES:
             yield Problem(
@@ -88,6 +90,112 @@ def gateway_rules(s: Settings) -> Iterator[Problem]:
                 f"(/{d.name}/...); reserved: {', '.join(sorted(RESERVED_ROUTE_NAMES))}",
                 d.name,
             )
+
+
+# vLLM takes any int as a priority; a small range keeps classes readable in metrics and docs.
+PRIORITY_RANGE = (-1000, 1000)
+
+
+AFFINITY_LOAD_BOUND_RANGE = (1.1, 10.0)
+
+
+def _routing_problems(s: Settings) -> Iterator[Problem]:
+    """Model names, aliases and the affinity knobs of the routing tier (gateway_router.js)."""
+    g = s.gateway
+    owners: dict[str, list[str]] = {}
+    for d in s.serving.deployments:
+        for name in (d.served_model_name or d.name, *d.model_aliases):
+            owners.setdefault(name, []).append(d.name)
+        yield from _deployment_routing_problems(s, d)
+    for name, deployments in owners.items():
+        if len(deployments) > 1:
+            yield Problem(
+                "serving.deployments",
+                f"the model name {name!r} (servedModelName or modelAliases) is served by "
+                f"{', '.join(deployments)}; the gateway routes by model name, so each name "
+                "needs exactly one deployment",
+            )
+    lo, hi = PRIORITY_RANGE
+    for name, value in g.priority_classes.items():
+        if not KEY_ID.match(name):
+            yield Problem(f"gateway.priorityClasses.{name}", "class names are DNS labels", name)
+        if not lo <= value <= hi:
+            yield Problem(
+                f"gateway.priorityClasses.{name}",
+                f"must lie between {lo} and {hi} (vLLM serves lower values first)",
+                value,
+            )
+    if g.default_priority_class not in g.priority_classes:
+        yield Problem(
+            "gateway.defaultPriorityClass",
+            f"must be one of gateway.priorityClasses ({', '.join(sorted(g.priority_classes))})",
+            g.default_priority_class,
+        )
+    yield from positive("gateway.sessionTtlSeconds", g.session_ttl_seconds)
+    lo_bound, hi_bound = AFFINITY_LOAD_BOUND_RANGE
+    if not lo_bound <= g.affinity_load_bound <= hi_bound:
+        yield Problem(
+            "gateway.affinityLoadBound",
+            f"must lie between {lo_bound} and {hi_bound}: near 1 sessions move at every "
+            "burst (prefix cache lost), above it a hot engine keeps its sessions",
+            g.affinity_load_bound,
+        )
+
+
+def _deployment_routing_problems(s: Settings, d: DeploymentSettings) -> Iterator[Problem]:
+    for i, alias in enumerate(d.model_aliases):
+        if not alias or alias != alias.strip() or len(alias) > 200:  # noqa: PLR2004
+            yield Problem(
+                f"{deployment_path(s, d)}.modelAliases[{i}]",
+                "must be a non-empty name without surrounding blanks, at most 200 characters",
+                alias,
+            )
+    if d.max_image_pixels is not None and d.max_image_pixels < 28 * 28:
+        yield Problem(
+            f"{deployment_path(s, d)}.maxImagePixels",
+            "must be at least 784 (28x28): smaller images hold no vision token",
+            d.max_image_pixels,
+        )
+    if d.max_image_pixels is not None and any(
+        a.split("=", 1)[0] == "--mm-processor-kwargs" for a in d.extra_args
+    ):
+        yield Problem(
+            f"{deployment_path(s, d)}.extraArgs",
+            "--mm-processor-kwargs would replace the max_pixels of maxImagePixels (vLLM "
+            "keeps the last); put max_pixels into that JSON and drop maxImagePixels",
+        )
+
+
+def _key_policy_problems(s: Settings) -> Iterator[Problem]:
+    g = s.gateway
+    for key_id, policy in g.api_keys.items():
+        path = f"gateway.apiKeys.{key_id}"
+        if key_id not in g.api_key_ids:
+            yield Problem(
+                path,
+                f"names no key: add {key_id!r} to gateway.apiKeyIds or remove this entry",
+            )
+        if policy.priority_class is not None and policy.priority_class not in g.priority_classes:
+            yield Problem(
+                f"{path}.priorityClass",
+                f"must be one of gateway.priorityClasses ({', '.join(sorted(g.priority_classes))})",
+                policy.priority_class,
+            )
+        if policy.requests_per_minute is not None:
+            yield from positive(f"{path}.requestsPerMinute", policy.requests_per_minute)
+    quotas = any(p.requests_per_minute for p in g.api_keys.values())
+    if quotas and not g.quota_image:
+        yield Problem(
+            "gateway.quotaImage",
+            "required when a key has requestsPerMinute: the quota sidecar runs in it "
+            "(an official python image, e.g. python:3.12-slim; Python 3.11 or later)",
+        )
+    if quotas and not s.redis.enabled:
+        yield Problem(
+            "redis.enabled",
+            "must be true when a key has requestsPerMinute: quotas are counted in Redis "
+            "so that every gateway replica sees the same count",
+        )
 
 
 def _nginx_image_problems(image: str) -> Iterator[Problem]:

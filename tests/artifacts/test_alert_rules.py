@@ -33,7 +33,8 @@ STACKS = ["dev", "staging", "prod"]
 
 # Hand count: per deployment VllmEngineDown + VllmMetricsAbsent + VllmEngineRestarts, then
 # queue, KV, TTFT, gateway 5xx, XID, GPU node NotReady, clock offset, clock sync, Redis memory.
-RULE_COUNTS = {"dev": 3 + 9, "staging": 6 + 9, "prod": 6 + 9}
+# staging adds the vision tier's three (VisionEncoderDown, VisionEncoderFallback, ...Rejected...)
+RULE_COUNTS = {"dev": 3 + 9, "staging": 6 + 9 + 3, "prod": 6 + 9}
 
 
 def write_suite(directory: Path, rules: str, tests: Mapping[str, Any]) -> Path:

@@ -95,6 +95,25 @@ WEBUI_ROWS: list[Row] = [
 ]
 
 
+# staging's vision tier (docs/vision.md#network): the encoders' HTTP port for the gateway's
+# encoder step and Prometheus only; their egress like the engines' (weights, DNS)
+ENCODER = f"{NS}/{SMALL}-encoder-0"
+VISION_ROWS: list[Row] = [
+    (GW, ENCODER, 8000, "TCP", True),
+    (PROM, ENCODER, 8000, "TCP", True),
+    (OTHER, ENCODER, 8000, "TCP", False),
+    (OPEN, ENCODER, 8000, "TCP", False),
+    (TENANT, ENCODER, 8000, "TCP", False),
+    (WEBUI, ENCODER, 8000, "TCP", False),
+    (eng(SMALL, 0), ENCODER, 8000, "TCP", False),  # engines read the files, not the encoders
+    (ENCODER, eng(SMALL, 0), 8000, "TCP", False),
+    (ENCODER, REDIS, 6379, "TCP", False),
+    (ENCODER, INTERNET, 443, "TCP", True),
+    (ENCODER, INTERNET, 80, "TCP", False),
+    (ENCODER, DNS, 53, "UDP", True),
+]
+
+
 def multi_node(lws: str) -> list[Row]:
     """A two-node group: its own ranks reach each other on every port, nobody else does."""
     return [
@@ -130,6 +149,7 @@ EXPECTED: dict[str, list[Row]] = {
         ("10.20.3.4", WEBUI, 8080, "TCP", False),  # dev's VPC
         (eng(SMALL, 0), eng(SMALL, 1), 8000, "TCP", False),  # replicas do not talk
         (GW, eng(SMALL, 2), 8000, "TCP", True),
+        *VISION_ROWS,
     ],
     "prod": [
         *COMMON,

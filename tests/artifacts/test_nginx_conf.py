@@ -15,6 +15,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -38,6 +39,7 @@ from stacks.schema import Settings
 from stacks.settings import load_stack_file, stack_file
 from tests.support.gateway_run import (
     NOBODY,
+    SID_NGINX,
     bearer,
     running_gateway,
     schema_defaults,
@@ -104,24 +106,31 @@ def host_nginx_t(args: NginxConfArgs, directory: Path) -> subprocess.CompletedPr
 
 
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (make debs)")
-def test_static_variant_passes_nginx_t_on_bookworm_nginx(settings: Settings) -> None:
+def test_bookworm_nginx_cannot_run_the_routing_tier(settings: Settings) -> None:
+    # Why the chroot runs the gateway: bookworm has no njs >= 0.8 (docs/reference/njs.md#versions).
     with scratch_dir() as directory:
         result = host_nginx_t(static_args(settings, str(directory)), directory)
     assert nginx_version(["nginx"])[:2] == (1, 22)
+    assert result.returncode == 1
+    assert "ngx_http_js_module.so" in result.stderr or 'unknown directive "js_' in result.stderr
+
+
+def test_static_variant_passes_nginx_t_on_sid_nginx_with_njs(
+    sid_chroot: Path, settings: Settings
+) -> None:
+    with scratch_dir() as directory:
+        args = static_args(settings, str(directory))
+        conf = write_gateway_files(Path("/"), args)
+        result = subprocess.run(
+            [str(SID_NGINX), "/tmp", "--", "nginx", "-t", "-c", str(conf), "-p", f"{directory}/"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env={**os.environ, "NGINX_CHROOT": str(sid_chroot)},
+        )
     assert result.returncode == 0, result.stderr
     assert "test is successful" in result.stderr
-
-
-@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (make debs)")
-def test_cluster_variant_needs_more_than_bookworm_nginx(settings: Settings) -> None:
-    # Why the chroot exists: 1.22 refuses `resolve` (docs/reference/toolchain.md#nginx-resolve-offline).
-    with scratch_dir() as directory:
-        args = replace(static_args(settings, str(directory)), mode="cluster")
-        (directory / "run").mkdir()
-        (directory / "run" / RESOLVER_FILE).write_text(render_resolver_conf("127.0.0.1"))
-        result = host_nginx_t(args, directory)
-    assert result.returncode == 1
-    assert 'invalid parameter "resolve"' in result.stderr
 
 
 @pytest.fixture(scope="session")
@@ -288,7 +297,8 @@ def _bindable(host: str, port: int) -> bool:
 
 def test_cluster_variant_follows_dns_without_a_reload(sid_chroot: Path) -> None:
     """The leader Service's addresses change (a group restarts elsewhere, KEDA adds one):
-    nginx follows without a reload, and session affinity holds on every resolved set."""
+    nginx follows without a reload. Sessions live on the leader pods' own names, spread
+    evenly, and follow a pod that comes back at a new address."""
     names = ["leader-a", "leader-b", "leader-c", "leader-d"]
     ips = ["127.77.0.2", "127.77.0.3", "127.77.0.4", "127.77.0.5"]
     if not all(_bindable(ip, VLLM_PORT) for ip in ips):
@@ -305,9 +315,15 @@ def test_cluster_variant_follows_dns_without_a_reload(sid_chroot: Path) -> None:
             paths=scratch_paths("/tmp/" + directory.name),
             burst=1000,  # this test's traffic is not what the rate limit is about
         )
-        leader_host = args.deployments[0].addresses[0].rsplit(":", 1)[0]
+        first = args.deployments[0]
+        leader_host = first.addresses[0].rsplit(":", 1)[0]
         assert leader_host == "qwen3-vl-2b-leader.qwen-vl.svc.cluster.local"
+        pods = [a.rsplit(":", 1)[0] for a in first.engine_addresses]
+        assert pods[0] == "qwen3-vl-2b-0.qwen3-vl-2b.qwen-vl.svc.cluster.local"
+        assert 2 <= len(pods) <= len(names)
         dns.records[leader_host] = ips[:1]
+        for pod, ip in zip(pods, ips, strict=False):
+            dns.records[pod] = [ip]
         runtime = directory / "run"
         runtime.mkdir()
         (runtime / RESOLVER_FILE).write_text(render_resolver_conf("127.0.0.1", dns.port))
@@ -319,24 +335,32 @@ def test_cluster_variant_follows_dns_without_a_reload(sid_chroot: Path) -> None:
 
             def served_by(session: str | None = None) -> str:
                 headers = {**bearer(), **({"X-Session-Id": session} if session else {})}
-                response = c.get("/v1/models", headers=headers)
+                body = {"model": first.models[0], "messages": []}
+                response = c.post("/v1/chat/completions", json=body, headers=headers)
                 return response.json()["upstream"] if response.status_code == 200 else ""
 
-            def spread() -> set[str]:  # no session id: nginx's round robin over all leaders
+            def spread() -> set[str]:  # no session id: least_conn over the Service's leaders
                 return {served_by() for _ in range(12)}
 
-            sessions = [f"conversation-{i}" for i in range(30)]
             assert _eventually(lambda: served_by() == "leader-a")
             dns.records[leader_host] = ips[1:]  # a's group moved away; three groups now
             assert _eventually(lambda: spread() == {"leader-b", "leader-c", "leader-d"})
-            three = [{s: served_by(s) for s in sessions} for _ in range(2)]
             dns.records[leader_host] = ips  # a fourth group joins
             assert _eventually(lambda: spread() == set(names))
-            four = [{s: served_by(s) for s in sessions} for _ in range(2)]
-    for mapping in (three, four):
-        assert mapping[0] == mapping[1]  # every turn of a session reaches the same engine
-    assert set(three[0].values()) == {"leader-b", "leader-c", "leader-d"}
-    assert set(four[0].values()) == set(names)
+            sessions = [f"conversation-{i}" for i in range(30)]
+            placed = [{s: served_by(s) for s in sessions} for _ in range(2)]
+            moved = names[0]  # group 0's leader, at ips[0]
+            dns.records[pods[0]] = [ips[-1]]  # ... restarts at another address
+            witness = next(s for s, engine in placed[0].items() if engine == moved)
+            assert _eventually(lambda: served_by(witness) == names[-1])
+            after = {s: served_by(s) for s in sessions}
+    assert placed[0] == placed[1]  # every turn of a session reaches the same engine
+    counts = Counter(placed[0].values())
+    assert set(counts) == set(names[: len(pods)])
+    assert max(counts.values()) - min(counts.values()) <= 1  # fewest-sessions placement
+    # Group 0's sessions now reach its leader at the new address; the others did not move.
+    for session, engine in placed[0].items():
+        assert after[session] == (names[-1] if engine == moved else engine)
 
 
 def _eventually(check: Callable[[], bool], seconds: float = 20) -> bool:

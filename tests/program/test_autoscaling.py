@@ -39,7 +39,12 @@ def run(request: pytest.FixtureRequest) -> StackRun:
 
 
 def scaled_objects(run: StackRun) -> dict[str, dict[str, Any]]:
-    return {r.inputs["metadata"]["name"]: r.inputs for r in run.of_type(SCALED_OBJECT)}
+    """The engines' ScaledObjects (the vision tier's encoders have their own, scaling a Deployment)."""
+    return {
+        r.inputs["metadata"]["name"]: r.inputs
+        for r in run.of_type(SCALED_OBJECT)
+        if r.inputs["spec"]["scaleTargetRef"]["kind"] == "LeaderWorkerSet"
+    }
 
 
 def test_keda_release_is_pinned_on_the_system_nodes(run: StackRun) -> None:

@@ -15,10 +15,13 @@ import yaml
 from components.render.nginx_conf import (
     API_KEYS_FILE,
     ENGINE_AUTH_FILE,
+    QUOTA_SOURCE,
     build_nginx_conf_args,
     render_api_keys_map,
     render_engine_auth,
     render_nginx_conf,
+    render_routes_js,
+    router_source,
 )
 from stacks.naming import GATEWAY_KEYS_SECRET
 from stacks.schema import Settings
@@ -77,7 +80,17 @@ def test_the_configmap_holds_the_rendered_cluster_config(stack: tuple[Settings, 
         "namespace": "qwen-vl",
         "labels": config_map["metadata"]["labels"],
     }
-    assert config_map["data"] == {"nginx.conf": render_nginx_conf(build_nginx_conf_args(settings))}
+    args = build_nginx_conf_args(settings)
+    assert config_map["data"] == {
+        "nginx.conf": render_nginx_conf(args),
+        # The routing tier (njs) and its data, and the quota sidecar, from the same volume.
+        "router.js": router_source(),
+        "routes.js": render_routes_js(args),
+        "quota.py": QUOTA_SOURCE.read_text(),
+    }
+    conf = config_map["data"]["nginx.conf"]
+    assert "js_path /etc/nginx/gateway;" in conf
+    assert "js_import router from router.js;" in conf
 
 
 def test_upstreams_are_the_engine_stages_leader_services(stack: tuple[Settings, StackRun]) -> None:
@@ -135,7 +148,12 @@ def test_the_deployment_runs_nginx_and_the_exporter_on_system_nodes(
     nginx, exporter = container(run, "nginx"), container(run, "exporter")
     assert nginx["image"] == settings.gateway.image
     assert exporter["image"] == settings.gateway.exporter_image
-    assert nginx["ports"] == [{"name": "http", "containerPort": 8080}]
+    assert nginx["ports"] == [
+        {"name": "http", "containerPort": 8080},
+        {"name": "router-metrics", "containerPort": 9145},
+    ]
+    # No stack sets a quota: no sidecar, no Redis client label.
+    assert [c["name"] for c in spec["containers"]] == ["nginx", "exporter"]
     assert nginx["command"][-1].endswith("exec nginx -e stderr -c /etc/nginx/gateway/nginx.conf\n")
     assert exporter["args"] == [
         "--nginx.scrape-uri=http://127.0.0.1:8081/stub_status",
@@ -182,9 +200,10 @@ def test_checksums_roll_the_pods_on_any_change(
 ) -> None:
     _, run = stack
     annotations = pod(run)["metadata"]["annotations"]
-    conf = one(run, "core/v1:ConfigMap", "config")["data"]["nginx.conf"]
+    data = one(run, "core/v1:ConfigMap", "config")["data"]
     files = one(run, "core/v1:Secret", "keys")["stringData"]
-    assert annotations["checksum/config"] == hashlib.sha256(conf.encode()).hexdigest()
+    every_file = "".join(data[f] for f in ("nginx.conf", "router.js", "routes.js", "quota.py"))
+    assert annotations["checksum/config"] == hashlib.sha256(every_file.encode()).hexdigest()
     expected_secrets = files[API_KEYS_FILE] + files[ENGINE_AUTH_FILE]
     assert annotations["checksum/secrets"] == hashlib.sha256(expected_secrets.encode()).hexdigest()
     # The annotation is not a secret: otherwise every preview would hide the whole spec.

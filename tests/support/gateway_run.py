@@ -27,12 +27,17 @@ from components.render.nginx_conf import (
     CONF_FILE,
     ENGINE_AUTH_FILE,
     HEALTH_PATH,
+    QUOTA_SOURCE,
+    ROUTER_FILE,
+    ROUTES_FILE,
     Backend,
     NginxConfArgs,
     NginxPaths,
     render_api_keys_map,
     render_engine_auth,
     render_nginx_conf,
+    render_routes_js,
+    router_source,
 )
 from stacks.schema import GatewaySettings, RateLimitSettings, default_of
 from tests.support.local import free_port
@@ -82,7 +87,7 @@ class _EngineHandler(BaseHTTPRequestHandler):
         self._answer(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
 
     def _answer(self, body: bytes) -> None:
-        request = json.loads(body) if body.startswith(b"{") else {}
+        request = json.loads(body) if body.lstrip().startswith(b"{") else {}
         query = urlsplit(self.path).query
         if request.get("close") or "close=1" in query:
             self.close_connection = True  # no response at all: nginx sees the engine drop it
@@ -103,6 +108,10 @@ class _EngineHandler(BaseHTTPRequestHandler):
                     "body_bytes": len(body),
                     "session": self.headers.get("X-Session-Id"),
                     "request_id": self.headers.get("X-Request-Id"),
+                    # What the router may rewrite or route by, as the engine received it.
+                    "model": request.get("model"),
+                    "priority": request.get("priority"),
+                    "body_priorities": body.count(b'"priority"'),
                 },
             )
 
@@ -195,6 +204,7 @@ def scratch_paths(directory: str) -> NginxPaths:
     return NginxPaths(
         secrets_dir=f"{directory}/secrets",
         runtime_dir=f"{directory}/run",
+        conf_dir=f"{directory}/run",
         access_log=f"{directory}/access.log",
     )
 
@@ -206,12 +216,19 @@ def gateway_args(
     args = NginxConfArgs(
         mode="static",
         deployments=tuple(
-            Backend(name=n, addresses=tuple(s.address for s in engines))
+            Backend(
+                name=n,
+                addresses=tuple(s.address for s in engines),
+                engine_addresses=tuple(s.address for s in engines),
+                models=(f"model-{n}",),
+                model_id=f"org/{n}",
+            )
             for n, engines in deployments.items()
         ),
         default_deployment=next(iter(deployments)),
         listen=f"127.0.0.1:{free_port()}",
         status_listen=f"127.0.0.1:{free_port()}",
+        metrics_listen=f"127.0.0.1:{free_port()}",
         paths=scratch_paths(directory),
         **schema_defaults(),
     )
@@ -234,6 +251,10 @@ def write_gateway_files(root: Path, args: NginxConfArgs, conf_text: str | None =
     (secrets / ENGINE_AUTH_FILE).write_text(render_engine_auth(ENGINE_KEY))
     conf = root / p.runtime_dir.lstrip("/") / CONF_FILE
     conf.write_text(conf_text if conf_text is not None else render_nginx_conf(args))
+    js_dir = root / p.conf_dir.lstrip("/")
+    js_dir.mkdir(parents=True, exist_ok=True)
+    (js_dir / ROUTER_FILE).write_text(router_source())
+    (js_dir / ROUTES_FILE).write_text(render_routes_js(args))
     return conf
 
 
@@ -290,6 +311,31 @@ def running_gateway(
             proc.wait(timeout=10)
 
 
+@contextlib.contextmanager
+def quota_sidecar(
+    listen: str, limits: Mapping[str, int], redis: str = "", replicas: int = 1
+) -> Iterator[subprocess.Popen[str]]:
+    """The gateway pod's quota sidecar (components/render/gateway_quota.py) on loopback."""
+    argv = [sys.executable, str(QUOTA_SOURCE), "--listen", listen, "--replicas", str(replicas)]
+    argv += ["--redis", redis] if redis else []
+    argv += [f"--limit={k}={v}" for k, v in limits.items()]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                httpx.get(f"http://{listen}/metrics", timeout=1)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, f"quota sidecar exited: {proc.stderr}"
+                assert time.monotonic() < deadline, "quota sidecar not up"
+                time.sleep(0.05)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 def bearer(key_id: str = "default") -> dict[str, str]:
     return {"Authorization": f"Bearer {CLIENT_KEYS[key_id]}"}
 
@@ -308,11 +354,18 @@ class Gateway:
         return [json.loads(line) for line in self.access_log.read_text().splitlines()]
 
 
+SID_NGINX = ROOT / "scripts" / "sid-nginx.sh"
+SID_CHROOT = Path(os.environ.get("NGINX_CHROOT", "/var/cache/qwen-vl/nginx-sid"))
+# What running the gateway needs: root (the wrapper's mount namespace) and the chroot with njs.
+SID_NGINX_READY = (
+    os.geteuid() == 0 and (SID_CHROOT / "usr/lib/nginx/modules/ngx_http_js_module.so").exists()
+)
+
+
 def host_nginx() -> tuple[str, ...]:
-    """The machine's nginx, unprivileged as in the pod (as root it would drop to `nobody`)."""
-    if os.geteuid() != 0:
-        return ("nginx",)
-    return ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "nginx")
+    """nginx with njs (the sid chroot's, the only one here with njs >= 0.8), unprivileged as in
+    the pod, seeing this host's /tmp, where the tests put every file."""
+    return (str(SID_NGINX), "--user", f"{NOBODY}:{NOBODY}", "/tmp", "--", "nginx")
 
 
 def _healthy(url: str) -> bool:
@@ -328,6 +381,10 @@ def schema_defaults() -> dict[str, Any]:
     gateway = {f.name: default_of(f) for f in fields(GatewaySettings)}
     rate = RateLimitSettings()
     return {
+        "priority_classes": dict(gateway["priority_classes"]),
+        "default_priority_class": gateway["default_priority_class"],
+        "session_ttl_seconds": gateway["session_ttl_seconds"],
+        "affinity_load_bound": gateway["affinity_load_bound"],
         "client_max_body_size_mib": gateway["client_max_body_size_mib"],
         "read_timeout_seconds": gateway["read_timeout_seconds"],
         "load_balancing": gateway["load_balancing"],

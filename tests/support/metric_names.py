@@ -25,7 +25,12 @@ import yaml
 from tests.support.local import free_port, stop
 
 DATA = Path(__file__).resolve().parent / "data"
-REFERENCE_FILES = ("vllm_metrics.txt", "dcgm_metrics.txt", "kube_state_metrics.txt")
+REFERENCE_FILES = (
+    "vllm_metrics.txt",
+    "dcgm_metrics.txt",
+    "kube_state_metrics.txt",
+    "vision_metrics.txt",
+)
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 STARTUP_SECONDS = 10.0
 

@@ -75,11 +75,11 @@ def _error(err: Any) -> dict[str, Any]:
 
 
 def run(base_url: str, key: str, model: str) -> dict[str, Any]:
-    import httpx
     import openai
 
-    # trust_env=False: no proxy variable may send a request off the machine.
-    http = httpx.Client(trust_env=False, timeout=REQUEST_TIMEOUT_S)
+    # trust_env=False: no proxy variable may send a request off the machine. The SDK's own
+    # client class: openai 3.x is built on httpx2, not httpx.
+    http = openai.DefaultHttpxClient(trust_env=False, timeout=REQUEST_TIMEOUT_S)
     client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, http_client=http)
     out: dict[str, Any] = {"sdk": openai.__version__}
 
@@ -100,23 +100,16 @@ def run(base_url: str, key: str, model: str) -> dict[str, Any]:
         "usage": _usage(text.usage),
     }
 
-    prompt = [{"type": "text", "text": "What is in this image?"}]
+    prompt: list[Any] = [{"type": "text", "text": "What is in this image?"}]
+    image_message: Any = {
+        "role": "user",
+        "content": [*prompt, {"type": "image_url", "image_url": {"url": data_url(small_png())}}],
+    }
     image = client.chat.completions.create(
-        model=model,
-        messages=[
-            {
-                "role": "user",
-                "content": [
-                    *prompt,
-                    {"type": "image_url", "image_url": {"url": data_url(small_png())}},
-                ],
-            }
-        ],
-        max_tokens=MAX_TOKENS,
+        model=model, messages=[image_message], max_tokens=MAX_TOKENS
     )
-    same_text = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=1
-    )
+    text_message: Any = {"role": "user", "content": prompt}
+    same_text = client.chat.completions.create(model=model, messages=[text_message], max_tokens=1)
     out["image"] = {
         "object": image.object,
         "content": image.choices[0].message.content,

@@ -141,3 +141,33 @@ def assert_verified(
     assert record["target"] == "rehearsal"
     if stack is not None:
         assert record["stack"] == stack
+
+
+# A TCP connection's outcome, from inside a namespace: the sender sees a dropped SYN (by the
+# receiver's ingress rules or its own egress rules) as a timeout, a closed port as a refusal.
+TCP_PROBE = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()
+    print("connected")
+except TimeoutError:
+    print("timeout")
+except OSError as err:
+    print(type(err).__name__)
+"""
+CURL_TIMEOUT_EXIT = 28
+
+
+def tcp_outcome(netns_: str, address: str, port: int, wait_s: float = 3.0) -> str:
+    """`connected`, `timeout` or the error's name (`ConnectionRefusedError`)."""
+    argv = [sys.executable, "-c", TCP_PROBE, address, str(port), str(wait_s)]
+    return netns.run_in(netns_, argv, timeout=wait_s + 10).stdout.strip()
+
+
+def http_outcome(netns_: str, url: str, *curl_args: str, wait_s: float = 3.0) -> str:
+    """The HTTP status of a request from inside `netns_` (`200`), or `timeout`."""
+    argv = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", f"{wait_s:g}"]
+    done = netns.run_in(netns_, [*argv, *curl_args, url], timeout=wait_s + 10)
+    if done.returncode == CURL_TIMEOUT_EXIT:
+        return "timeout"
+    return done.stdout.strip() if done.returncode == 0 else f"curl exit {done.returncode}"

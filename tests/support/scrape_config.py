@@ -16,6 +16,7 @@ def rehearsal_targets(stack: str) -> dict[str, list[ScrapeTarget]]:
     return {
         "vllm": leaders,
         "nginx-exporter": [ScrapeTarget("127.0.0.1:19113")],
+        "gateway-router": [ScrapeTarget("127.0.0.1:19145")],
         "redis-exporter": [ScrapeTarget("127.0.0.1:19121")],
         "node-exporter": [ScrapeTarget("127.0.0.1:19100", {"node": "rehearsal"})],
     }

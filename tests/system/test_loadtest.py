@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from scripts import loadtest as lt
 from tests.support.gateway_run import (
     CLIENT_KEYS,
     ENGINE_KEY,
+    SID_NGINX_READY,
     StandIn,
     gateway_args,
     running_gateway,
@@ -106,7 +106,7 @@ def stand_in() -> Iterator[StandIn]:
         stop(proc, timeout=10)
 
 
-@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (make debs)")
+@pytest.mark.skipif(not SID_NGINX_READY, reason="no nginx with njs: run make nginx-chroot")
 def test_a_short_run_through_the_gateway(stand_in: StandIn, tmp_path: Path) -> None:
     out = tmp_path / "out"
     with (

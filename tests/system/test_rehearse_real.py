@@ -12,6 +12,10 @@ then:
   with the engine venv's interpreter, which has the SDK), reaches the real gateway by its
   Service name: /v1/models, a text chat, an image chat (a PNG as a base64 data URL), SSE
   streaming, and 401 without a key or with a wrong one;
+* the firewall (the stack's NetworkPolicies as nftables, on by default) holds: from the client
+  namespace an engine's HTTP port and a group's rendezvous port are unreachable, and the
+  gateway and the services host reach only what their policies give them, while the group's
+  ranks formed one server through it and a chat completion through the gateway works;
 * `down` leaves nothing behind, /dev/shm included.
 """
 
@@ -30,8 +34,9 @@ import pytest
 import yaml
 
 from components.render.vllm_command import served_model_name
+from scripts.rehearsal import netns, runner
 from scripts.rehearsal.real_engine import DEFAULT_VLLM
-from stacks.naming import GATEWAY_NAME, GATEWAY_PORT, service_host
+from stacks.naming import GATEWAY_NAME, GATEWAY_PORT, MASTER_PORT, VLLM_PORT, service_host
 from stacks.schema import Settings
 from stacks.settings import load_stack_file
 from tests.support.rehearsal_run import (
@@ -42,13 +47,16 @@ from tests.support.rehearsal_run import (
     Run,
     assert_nothing_left,
     assert_verified,
+    http_outcome,
     shm_files,
     subreaper,
+    tcp_outcome,
     verify,
 )
 
 UP_TIMEOUT_S = 600.0
 CLIENT_TIMEOUT_S = 300.0
+CHAT_TIMEOUT_S = 120.0
 ENGINE_RSS_BUDGET = 8 * 10**9
 ENGINE_PYTHON = DEFAULT_VLLM.parent / "python"  # the engine venv: it has `openai`
 
@@ -256,3 +264,71 @@ def test_sdk_without_a_valid_key_is_401(sdk: dict[str, Any], case: str) -> None:
     assert error["type"] == "AuthenticationError"
     assert error["status_code"] == 401
     assert error["body"]["code"] == "invalid_api_key"
+
+
+def test_only_the_gateway_reaches_the_engines(rehearsal: Rehearsal) -> None:
+    """From a namespace that is not the gateway, an engine's HTTP port and a group's rendezvous
+    (master) port are unreachable; the gateway reaches the HTTP port and nothing else.
+
+    Each probe waits at most 3 s. Without the firewall every probe would connect: the leaders
+    listen on every address, and the rendezvous port is the group's TCP store."""
+    inventory = rehearsal.inventory
+    assert inventory["firewall"] is True
+    hosts = {h["name"]: h for h in inventory["hosts"]}
+    where = {name: h["netns"] for name, h in hosts.items()} | {"client": inventory["client_netns"]}
+    leaders = {n: h for n, h in hosts.items() if "engine-leader" in h["roles"]}
+    groups = [n for n, h in leaders.items() if h["roles"]["engine-leader"]["nnodes"] > 1]
+    assert leaders
+    assert bool(groups) == (rehearsal.run.name == "real-staging")
+    for name in leaders:
+        listed = netns.run_in(
+            where[name], ["nft", "list", "table", "inet", "qvr_policy"], timeout=10
+        )
+        assert "policy drop;" in listed.stdout, listed.stderr
+    found: dict[tuple[str, str, str], str] = {}
+    expected: dict[tuple[str, str, str], str] = {}
+    for name, leader in leaders.items():
+        health = f"http://{leader['address']}:{VLLM_PORT}/health"
+        for src, outcome in (("client", "timeout"), ("gateway-0", "200"), ("services", "200")):
+            found[src, name, "GET /health"] = http_outcome(where[src], health)
+            expected[src, name, "GET /health"] = outcome  # services: Prometheus scrapes it
+        if name in groups:
+            for src in ("client", "gateway-0", "services"):
+                found[src, name, "rendezvous"] = tcp_outcome(
+                    where[src], leader["address"], MASTER_PORT
+                )
+                expected[src, name, "rendezvous"] = "timeout"
+    assert found == expected
+
+
+def test_through_the_firewall_the_group_formed_and_the_gateway_serves(
+    rehearsal: Rehearsal,
+) -> None:
+    """Each worker holds its connection to its leader's rendezvous port (the group formed one
+    server, whose leader answers /health above), and a chat completion from the client
+    namespace through the gateway is served by a real engine."""
+    state = json.loads((rehearsal.run.state_dir / "state.json").read_text())
+    pids = {p["name"]: p["pid"] for p in state["processes"]}
+    for host in rehearsal.inventory["hosts"]:
+        if "engine-worker" in host["roles"]:
+            established = runner.remote_ports(
+                pids[f"{host['name']}-engine"], runner.TCP_ESTABLISHED
+            )
+            assert MASTER_PORT in established, host["name"]
+    settings = rehearsal.settings
+    secrets_ = json.loads((rehearsal.run.state_dir / "secrets.json").read_text())
+    body = {
+        "model": served_model_name(settings.default_deployment),
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4,
+    }
+    gateway = service_host(GATEWAY_NAME, settings.serving.namespace)
+    status = http_outcome(
+        rehearsal.inventory["client_netns"],
+        f"http://{gateway}:{GATEWAY_PORT}/v1/chat/completions",
+        "-H", f"Authorization: Bearer {secrets_['gateway_api_key']}",
+        "-H", "Content-Type: application/json",
+        "-d", json.dumps(body),
+        wait_s=CHAT_TIMEOUT_S,
+    )  # fmt: skip
+    assert status == "200"

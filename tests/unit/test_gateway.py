@@ -12,6 +12,7 @@ from components.gateway import build_nlb_annotations
 from stacks.parse import Problem
 from stacks.rules import validate
 from stacks.rules.gateway import gateway_rules
+from stacks.schema import ApiKeySettings
 from stacks.settings import load_stack_file, stack_file
 from tests.support.gateway import LB, STACKS, TLS_ARN
 
@@ -65,6 +66,30 @@ def test_the_stack_files_pass_the_gateway_rules() -> None:
             "gateway.tlsCertificateArn",
             "region us-east-1",
         ),
+        ({"default_priority_class": "vip"}, "gateway.defaultPriorityClass", "one of"),
+        (
+            {"priority_classes": {"interactive": 5000}},
+            "gateway.priorityClasses.interactive",
+            "-1000",
+        ),
+        ({"affinity_load_bound": 1.0}, "gateway.affinityLoadBound", "between 1.1 and 10.0"),
+        ({"session_ttl_seconds": 0}, "gateway.sessionTtlSeconds", "greater than 0"),
+        ({"api_keys": {"ghost": ApiKeySettings()}}, "gateway.apiKeys.ghost", "apiKeyIds"),
+        (
+            {"api_keys": {"default": ApiKeySettings(priority_class="vip")}},
+            "gateway.apiKeys.default.priorityClass",
+            "one of",
+        ),
+        (
+            {"api_keys": {"default": ApiKeySettings(requests_per_minute=0)}},
+            "gateway.apiKeys.default.requestsPerMinute",
+            "greater than 0",
+        ),
+        (
+            {"api_keys": {"default": ApiKeySettings(requests_per_minute=60)}},
+            "gateway.quotaImage",
+            "python",
+        ),
     ],
 )
 def test_bad_gateway_settings_are_named(changes: dict[str, Any], path: str, fragment: str) -> None:
@@ -107,3 +132,24 @@ def test_a_deployment_may_not_take_a_gateway_path() -> None:
     problems = [p for p in gateway_rules(settings) if p.path == "serving.deployments[0].name"]
     assert problems
     assert "clashes with a gateway path" in problems[0].reason
+
+
+def test_a_model_name_served_twice_is_refused() -> None:
+    base = load_stack_file(stack_file("staging"))
+    first, second, *rest = base.serving.deployments
+    twice = replace(second, model_aliases=(first.served_model_name or first.name,))
+    settings = replace(base, serving=replace(base.serving, deployments=(first, twice, *rest)))
+    [problem] = [p for p in gateway_rules(settings) if p.path == "serving.deployments"]
+    assert f"served by {first.name}, {second.name}" in problem.reason
+
+
+def test_max_image_pixels_and_an_explicit_processor_json_clash() -> None:
+    base = load_stack_file(stack_file("dev"))
+    d = replace(
+        base.serving.deployments[0],
+        max_image_pixels=1_003_520,
+        extra_args=("--mm-processor-kwargs", '{"fps": 1}'),
+    )
+    settings = replace(base, serving=replace(base.serving, deployments=(d,)))
+    [problem] = [p for p in gateway_rules(settings) if p.path.endswith(".extraArgs")]
+    assert "max_pixels" in problem.reason

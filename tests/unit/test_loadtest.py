@@ -23,6 +23,7 @@ from PIL import Image
 
 from scripts import loadtest as lt
 from scripts.bench import (
+    FIGURES,
     VICTIM,
     BenchOptions,
     RunResult,
@@ -431,7 +432,7 @@ def test_bench_figures_carry_the_command_that_reproduces_them() -> None:
         ".venv/bin/python -m scripts.bench --only affinity"
     )
     opts = BenchOptions(rounds=2, round_s=3.0, image_size=(64, 64), affinity_s=4.0)
-    command = opts.command(["overhead", "streaming", "affinity", "failover"])
+    command = opts.command(list(FIGURES))
     assert command == (
         ".venv/bin/python -m scripts.bench --rounds 2 --round-seconds 3 --image-size 64x64 "
         "--affinity-seconds 4"
@@ -453,6 +454,7 @@ def test_failover_counts_from_records_and_access_log() -> None:
         access_log=Path("/nonexistent"),
         served_model="m",
         affinity_header="X-Session-Id",
+        keys={},
     )
     victim, other = topo.address(VICTIM), topo.address("engine-0")
     kill = 100.0

@@ -15,19 +15,20 @@ chroot script's user mistakes are checked at the end.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from dataclasses import replace
 
 import pytest
 
 from components.render.nginx_conf import (
-    affinity_variable,
     build_nginx_conf_args,
     rate_directive,
     render_api_keys_map,
     render_engine_auth,
     render_nginx_conf,
     render_resolver_conf,
+    render_routes_js,
 )
 from stacks.schema import Settings
 from stacks.settings import load_stack_file, stack_file
@@ -58,15 +59,38 @@ def test_every_deployment_gets_a_resolving_upstream_over_its_leader_service(
     assert "include /run/gateway/resolver.conf;" in conf
 
 
-def test_v1_and_the_chat_alias_go_to_the_default_deployment(settings: Settings) -> None:
+def test_every_openai_path_goes_through_the_router_after_auth_and_limit(
+    settings: Settings,
+) -> None:
     conf = cluster_conf(settings)
-    default = {"dev": "qwen3-vl-2b", "staging": "qwen3-vl-2b", "prod": "qwen3-vl-2b"}[
-        settings.stack
+    paths = [
+        "/v1/",
+        "= /chat/completions",
+        *(f"/{d.name}/v1/" for d in settings.serving.deployments),
     ]
-    v1 = conf.split("    location /v1/ {")[1].split("\n        }")[0]
-    alias = conf.split("    location = /chat/completions {")[1].split("\n        }")[0]
-    assert f"proxy_pass http://engine-{default}/v1/;" in v1
-    assert f"proxy_pass http://engine-{default}/v1/chat/completions;" in alias
+    for path in paths:
+        block = conf.split(f"    location {path} {{")[1].split("\n        }")[0]
+        lines = [line.strip() for line in block.splitlines() if line.strip()]
+        assert lines[0] == 'if ($api_key_id = "") {', path
+        assert lines[-2:] == [
+            f"limit_req zone=per_key burst={settings.gateway.rate_limit.burst} nodelay;",
+            "js_content router.dispatch;",
+        ], path
+    models = conf.split("    location = /v1/models {")[1].split("\n    }")[0]
+    assert "js_content router.models;" in models
+    # The router hands requests back to nginx here, and only here, is the engine reached.
+    assert conf.count("proxy_pass http://$route_upstream$route_uri;") == 2
+    assert "load_module /usr/lib/nginx/modules/ngx_http_js_module.so;" in conf
+
+
+def test_routes_name_every_model_and_alias_once(settings: Settings) -> None:
+    text = render_routes_js(build_nginx_conf_args(settings))
+    assert text.splitlines()[1] == "export default {"
+    routes = json.loads(text.split("export default ", 1)[1].rstrip().rstrip(";"))
+    expected = {(d.served_model_name or d.name): d.name for d in settings.serving.deployments}
+    assert routes["models"] == expected
+    assert routes["defaultDeployment"] == settings.default_deployment.name
+    assert routes["classes"] == {"agent": 0, "interactive": 10, "batch": 20}
 
 
 def test_limits_and_timeouts_follow_the_settings(settings: Settings) -> None:
@@ -87,13 +111,21 @@ def test_limits_and_timeouts_follow_the_settings(settings: Settings) -> None:
 
 def test_load_balancing_follows_the_settings(settings: Settings) -> None:
     conf = cluster_conf(settings)
-    deployments = len(settings.serving.deployments)
+    deployments = settings.serving.deployments
+    # one per deployment, and one per vision tier's encoders (docs/vision.md#proxy-step)
+    encoders = sum(d.vision.mode == "disaggregated" for d in deployments)
+    assert conf.count("least_conn;") == len(deployments) + encoders
+    assert "hash " not in conf
+    engines = re.findall(r"\n    upstream (engine-[^ ]+\.\d+) \{", conf)
     if settings.gateway.load_balancing == "leastConn":
-        assert conf.count("least_conn;") == deployments
-        assert "hash " not in conf
-    else:  # sessionAffinity on X-Session-Id
-        assert conf.count("hash $http_x_session_id;") == deployments
-        assert "least_conn" not in conf
+        assert engines == []
+    else:  # one upstream per group's leader pod, the others as its backups
+        groups = {d.name: max(d.replicas, d.autoscaling.max_replicas) for d in deployments}
+        assert engines == [f"engine-{n}.{i}" for n, g in groups.items() for i in range(g)]
+        d = deployments[0]
+        first = conf.split(f"    upstream engine-{d.name}.0 {{")[1].split("\n    }")[0]
+        pod = f"{d.name}-0.{d.name}.qwen-vl.svc.cluster.local:8000"
+        assert f"server {pod} resolve max_fails=2 fail_timeout=10s;" in first
 
 
 def test_streaming_retry_and_keepalive_choices_are_in_the_text(settings: Settings) -> None:
@@ -109,11 +141,15 @@ def test_streaming_retry_and_keepalive_choices_are_in_the_text(settings: Setting
     ):
         assert line in conf
     directives = [line.strip() for line in conf.splitlines() if not line.strip().startswith("#")]
-    assert not [line for line in directives if "non_idempotent" in line]
+    # An engine request is never resent once sent (it would generate twice); the vision tier's
+    # encoder step may be (docs/vision.md#proxy-step: it only writes a cache file).
+    encoder_steps = re.findall(r"location /_encoder/[^{]*\{[^}]*\}", conf)
+    retried = [line for line in directives if "non_idempotent" in line]
+    assert len(retried) == len(encoder_steps)
     # Every upstream drops idle engine connections before vLLM's uvicorn does, after 5 s
     # (docs/reference/vllm.md#env-vars, VLLM_HTTP_TIMEOUT_KEEP_ALIVE).
     upstreams = re.findall(r"\n    upstream [^{]*\{\n(.*?)\n    \}", conf, re.S)
-    assert len(upstreams) == len(settings.serving.deployments)
+    assert len(upstreams) >= len(settings.serving.deployments)
     for block in upstreams:
         timeouts = re.findall(r"^ *keepalive_timeout (\d+)s;$", block, re.M)
         assert len(timeouts) == 1, block
@@ -154,7 +190,7 @@ def test_cluster_and_static_differ_only_by_the_substitution_table(settings: Sett
     resolver_line = "include /run/gateway/resolver.conf;"
     assert resolver_line in removed
     servers = [line for line in removed if line != resolver_line]
-    assert len(servers) == len(settings.serving.deployments)
+    assert len(servers) >= len(settings.serving.deployments)
     assert [line.replace(" resolve ", " ") for line in servers] == added
 
 
@@ -164,11 +200,6 @@ def test_cluster_and_static_differ_only_by_the_substitution_table(settings: Sett
 )
 def test_rate_directive(rps: float, directive: str) -> None:
     assert rate_directive(rps) == directive
-
-
-def test_affinity_variable() -> None:
-    assert affinity_variable("X-Session-Id") == "$http_x_session_id"
-    assert affinity_variable("Conversation") == "$http_conversation"
 
 
 def test_api_key_map_and_engine_auth() -> None:

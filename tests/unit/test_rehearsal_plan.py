@@ -7,6 +7,7 @@ remaining differences are exactly the lines SUBSTITUTIONS names. No root needed.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import re
@@ -41,37 +42,61 @@ def process(plan: P.RehearsalPlan, name: str) -> P.ProcessSpec:
     return next(p for p in plan.processes if p.name == name)
 
 
+def without_servers(conf: str) -> str:
+    """The config without its upstream servers and per-engine upstreams (which list them)."""
+    conf = re.sub(r"\n    upstream engine-[^ ]+\.\d+ \{.*?\n    \}\n", "\n", conf, flags=re.S)
+    conf = re.sub(r"^ +server \S+ .*;\n", "", conf, flags=re.M)
+    return "\n".join(line for line in conf.splitlines() if line.strip())
+
+
 @pytest.mark.parametrize("stack", ["dev", "staging", "prod"])
 def test_nginx_conf_differs_only_in_paths_and_upstream_lines(stack: str) -> None:
     plan, _, settings = plan_of(stack)
     rehearsal = file_text(plan, P.gateway_conf_path(LAYOUT, "gateway-0"))
     base = f"{STATE}/hosts/gateway-0"
     # The "gateway paths" row: map the rehearsal's directories back to the pod's.
-    mapped = rehearsal.replace(f"{base}/gateway-secrets", "/etc/nginx/gateway-secrets").replace(
-        f"{base}/run", "/run/gateway"
+    mapped = (
+        rehearsal.replace(f"{base}/gateway-secrets", "/etc/nginx/gateway-secrets")
+        .replace(f"{base}/run", "/run/gateway")
+        .replace(f"{base}/nginx", "/etc/nginx/gateway")
+    )
+    # The rehearsal runs no encoder tier (its engines drop --ec-transfer-config, see
+    # SUBSTITUTIONS): compare with the cluster's config of the same stack without it.
+    aggregated = tuple(
+        dataclasses.replace(d, vision=dataclasses.replace(d.vision, mode="aggregated"))
+        for d in settings.serving.deployments
+    )
+    settings = dataclasses.replace(
+        settings, serving=dataclasses.replace(settings.serving, deployments=aggregated)
     )
     cluster = render_nginx_conf(build_nginx_conf_args(settings))
+    assert changed_lines(without_servers(cluster), without_servers(mapped)) == [
+        "-    include /run/gateway/resolver.conf;"
+    ]
     ns = settings.serving.namespace
     health = "max_fails=2 fail_timeout=10s;"
-    expected = ["-    include /run/gateway/resolver.conf;"]
-    for d in settings.serving.deployments:
-        expected.append(
-            f"-        server {d.name}-leader.{ns}.svc.cluster.local:8000 resolve {health}"
-        )
-    for d in settings.serving.deployments:
-        expected.append(f"+        server {d.name}-0.{d.name}.{ns}:8000 {health}")
-    assert sorted(changed_lines(cluster, mapped)) == sorted(expected)
+    servers = re.findall(r"^ +server ([^{\n]*)$", mapped, re.M)
+    leaders = [f"{d.name}-0.{d.name}.{ns}:8000 {health}" for d in settings.serving.deployments]
+    # One group rehearsed: the deployment's upstream, and (affinity) its one engine's.
+    per_engine = 2 if settings.gateway.load_balancing == "sessionAffinity" else 1
+    assert sorted(servers) == sorted(leaders * per_engine)
 
 
 def test_more_groups_give_the_gateway_one_upstream_server_per_leader() -> None:
     plan, _, _ = plan_of("staging", max_groups=2)
     conf = file_text(plan, P.gateway_conf_path(LAYOUT, "gateway-0"))
-    servers = re.findall(r"^\s+server (\S+) ", conf, re.M)
+    upstream = conf.split("upstream engine-qwen3-vl-2b {")[1].split("}")[0]
+    servers = re.findall(r"^\s+server (\S+) ", upstream, re.M)
     # qwen3-vl-2b has replicas 2, qwen3-vl-32b replicas 1
     assert servers == [
         "qwen3-vl-2b-0.qwen3-vl-2b.qwen-vl:8000",
         "qwen3-vl-2b-1.qwen3-vl-2b.qwen-vl:8000",
-        "qwen3-vl-32b-0.qwen3-vl-32b.qwen-vl:8000",
+    ]
+    # Session affinity: each leader's own upstream, the other leader as its backup.
+    second = conf.split("upstream engine-qwen3-vl-2b.1 {")[1].split("}")[0]
+    assert re.findall(r"^\s+server (\S+) .*?( backup)?;", second, re.M) == [
+        ("qwen3-vl-2b-1.qwen3-vl-2b.qwen-vl:8000", ""),
+        ("qwen3-vl-2b-0.qwen3-vl-2b.qwen-vl:8000", " backup"),
     ]
     assert [h.role for h in plan.hosts if h.kind == "engine"] == [
         "qwen3-vl-2b-0",
@@ -87,7 +112,8 @@ def test_gateway_processes_are_the_pods_commands() -> None:
     conf = str(P.gateway_conf_path(LAYOUT, "gateway-0"))
     # the start script's `exec nginx -e stderr -c /etc/nginx/gateway/nginx.conf`, as nobody
     assert nginx[-5:] == ("nginx", "-e", "stderr", "-c", conf)
-    assert nginx[:4] == ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+    # sid's nginx (njs), unprivileged, seeing the rehearsal's state directory
+    assert nginx[:5] == (str(P.SID_NGINX), "--user", "nobody:nogroup", str(STATE), "--")
     assert process(plan, "gateway-0-nginx-exporter").argv == (
         "prometheus-nginx-exporter",
         "--nginx.scrape-uri=http://127.0.0.1:8081/stub_status",
@@ -263,6 +289,7 @@ def test_the_inventory_gives_each_host_its_roles() -> None:
     assert prometheus["targets"] == {
         "vllm": 2,
         "nginx-exporter": 2,
+        "gateway-router": 2,
         "node-exporter": 6,
         "redis-exporter": 1,
     }

@@ -17,7 +17,13 @@ def test_jobs_targets_and_labels() -> None:
     )
     assert document["global"] == {"scrape_interval": "5s", "evaluation_interval": "5s"}
     jobs = {job["job_name"]: job for job in document["scrape_configs"]}
-    assert set(jobs) == {"vllm", "nginx-exporter", "redis-exporter", "node-exporter"}
+    assert set(jobs) == {
+        "vllm",
+        "nginx-exporter",
+        "gateway-router",
+        "redis-exporter",
+        "node-exporter",
+    }
     assert jobs["vllm"]["metrics_path"] == "/metrics"
     assert jobs["vllm"]["static_configs"] == [
         {"targets": ["127.0.0.1:18000"],
