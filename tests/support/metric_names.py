@@ -30,6 +30,7 @@ REFERENCE_FILES = (
     "dcgm_metrics.txt",
     "kube_state_metrics.txt",
     "vision_metrics.txt",
+    "gateway_metrics.txt",
 )
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 STARTUP_SECONDS = 10.0
@@ -102,6 +103,12 @@ def exposed_names(text: str) -> set[str]:
         for line in text.splitlines()
         if line and not line.startswith("#")
     }
+
+
+def declared_names(text: str) -> set[str]:
+    """Metric names a Prometheus text exposition has samples or a `# TYPE` line for."""
+    typed = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    return typed | exposed_names(text)
 
 
 def wait_tcp(port: int) -> None:

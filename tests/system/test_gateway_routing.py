@@ -39,6 +39,7 @@ from tests.support.gateway_run import (
     stand_ins,
 )
 from tests.support.local import free_port
+from tests.support.metric_names import declared_names, reference_names
 
 pytestmark = pytest.mark.skipif(
     not SID_NGINX_READY, reason="no nginx with njs: run make nginx-chroot (needs root)"
@@ -369,6 +370,8 @@ def test_a_quota_holds_across_replicas_and_falls_back_per_replica(
     assert 'gateway_quota_checks_total{key_id="loadtest",mode="local",outcome="allowed"}' in metrics
     # The sidecar's own series come with the same scrape: Redis is gone, counting is local.
     assert "\ngateway_quota_shared 0\n" in metrics
+    # Every gateway name the dashboards and alerts may use is what the real gateway exposes.
+    assert reference_names("gateway_metrics.txt") <= declared_names(metrics)
 
 
 def one_metrics(gw: Gateway) -> str:
