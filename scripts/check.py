@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     for w in found:
         print(f"warning: {w}", file=sys.stderr)
     if found and settings.environment == "prod":
-        print(f"\n{path.name}: valid, but not deployable: {len(found)} placeholder(s)")
+        print(f"\n{path.name}: valid, but not deployable: {len(found)} warning(s) above")
         return 1
     print(f"\n{path.name}: valid")
     return 0

@@ -233,6 +233,12 @@ SUBSTITUTIONS: Final[tuple[Substitution, ...]] = (
         "the tiny model has 4096 positions; a short profile run starts faster",
     ),
     Substitution(
+        "image guard (real engine)",
+        "`--mm-processor-kwargs` `max_pixels` = the deployment's `maxImagePixels`",
+        "`max_pixels` at most the tiny model's own limit (256 x 256)",
+        "a cloud-sized image takes more tokens than the rehearsal's `--max-model-len`",
+    ),
+    Substitution(
         "parallel sizes (real engine)",
         "`--tensor-parallel-size`/`--pipeline-parallel-size` over the node's GPUs "
         "(e.g. TP 4 x PP 2 on 2 nodes)",

@@ -17,12 +17,14 @@ Facts relied on (docs/reference/vllm.md#cpu-engine-032, and docs/rehearsal.md):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from scripts.engine.flag_spellings import NoEquivalentError, translate_033_to_032
+from scripts.engine.tiny_model import MAX_PIXELS as TINY_MAX_PIXELS
 from scripts.rehearsal.layout import REPO_ROOT
 from stacks.naming import EC_CONNECTOR_MOUNT
 
@@ -131,12 +133,25 @@ def real_argv(
     _set(flags, "--tensor-parallel-size", str(tp))
     _set(flags, "--pipeline-parallel-size", str(pp))
     _set(flags, "--max-model-len", str(MAX_MODEL_LEN))
+    _clamp_image_guard(flags)
     if nnodes > 1:
         _set(flags, "--distributed-timeout-seconds", f"{real.distributed_timeout_s:g}")
     added = ["--kv-cache-memory-bytes", KV_CACHE_BYTES]
     if "--enforce-eager" not in flags:
         added.append("--enforce-eager")
     return [str(real.vllm), "serve", str(real.model), *flags, *added]
+
+
+def _clamp_image_guard(flags: list[str]) -> None:
+    """The image guard's max_pixels, at most the tiny model's own limit: a cloud-sized image
+    would need more tokens than the rehearsal's --max-model-len holds."""
+    kwargs = _flag(flags, "--mm-processor-kwargs")
+    if kwargs is None:
+        return
+    values = json.loads(kwargs)
+    if "max_pixels" in values:
+        values["max_pixels"] = min(int(values["max_pixels"]), TINY_MAX_PIXELS)
+        _set(flags, "--mm-processor-kwargs", json.dumps(values, separators=(",", ":")))
 
 
 def real_env(pod_env: Mapping[str, str], cache_dir: Path) -> dict[str, str]:

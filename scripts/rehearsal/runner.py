@@ -63,7 +63,9 @@ PROGRAMS: Final = (
     "prometheus-nginx-exporter",
     "prometheus-redis-exporter",
     "prometheus-node-exporter",
+    "nft",
 )
+NFT_TIMEOUT_S: Final = 30.0
 
 
 class RehearsalFailed(RuntimeError):
@@ -146,6 +148,7 @@ def bring_up(
     for host in plan.network.hosts:
         progress.line(host.netns, str(host.address), " ".join(host.names))
     _write_files(plan)
+    load_firewall(plan, progress)
     record_shm(layout, state)
     for index, stage in enumerate(STAGES):
         procs = [p for p in plan.processes if p.stage == index]
@@ -172,6 +175,28 @@ def _write_files(plan: RehearsalPlan) -> None:
         spec.path.chmod(spec.mode)
         if spec.owner is not None:
             chown_to(spec.path, spec.owner)
+
+
+def load_firewall(plan: RehearsalPlan, progress: Progress) -> None:
+    """Load each pod host's nftables script before any process starts, so that everything runs
+    under the stack's NetworkPolicies from the first packet. A table lives in its namespace and
+    goes with it at teardown."""
+    if not plan.firewall:
+        return
+    progress.header(
+        f"firewall: the stack's NetworkPolicies as nftables in {len(plan.firewall)} hosts"
+    )
+    for role, script in plan.firewall:
+        where = plan.netns(role)
+        try:
+            done = netns.run_in(where, ["nft", "-f", str(script)], timeout=NFT_TIMEOUT_S)
+            error = done.stderr.strip() if done.returncode else ""
+        except subprocess.TimeoutExpired:
+            error = f"no answer within {NFT_TIMEOUT_S:g} s"
+        if error:
+            raise RehearsalFailed(f"nft -f {script} in {where}: {error}")
+        rules = sum(" accept" in line for line in script.read_text().splitlines())
+        progress.line(role, "nftables", f"loaded: {rules} accept rules, all else dropped")
 
 
 def chown_to(path: Path, user: str) -> None:

@@ -12,8 +12,10 @@ from stacks.naming import (
 )
 from stacks.parse import Problem
 from stacks.rules.common import deployment_path, positive, unique
+from stacks.rules.vision import max_image_pixels
 from stacks.schema import DeploymentSettings, Settings
 from stacks.versions import NGINX_RESOLVE_MIN_VERSION
+from stacks.vision_plan import VISION_TOKEN_PIXELS
 
 # Gateway (components/render/nginx_conf.py, components/gateway.py).
 _ACM_ARN = re.compile(r"^arn:aws[-a-z]*:acm:([a-z0-9-]+):\d{12}:certificate/[0-9a-f-]+$")
@@ -97,6 +99,8 @@ PRIORITY_RANGE = (-1000, 1000)
 
 
 AFFINITY_LOAD_BOUND_RANGE = (1.1, 10.0)
+# Shared placement re-reads Redis every half TTL per replica and session: below this, often.
+MIN_SHARED_SESSION_TTL_SECONDS = 60
 
 
 def _routing_problems(s: Settings) -> Iterator[Problem]:
@@ -132,6 +136,7 @@ def _routing_problems(s: Settings) -> Iterator[Problem]:
             g.default_priority_class,
         )
     yield from positive("gateway.sessionTtlSeconds", g.session_ttl_seconds)
+    yield from _shared_placement_problems(s)
     lo_bound, hi_bound = AFFINITY_LOAD_BOUND_RANGE
     if not lo_bound <= g.affinity_load_bound <= hi_bound:
         yield Problem(
@@ -139,6 +144,37 @@ def _routing_problems(s: Settings) -> Iterator[Problem]:
             f"must lie between {lo_bound} and {hi_bound}: near 1 sessions move at every "
             "burst (prefix cache lost), above it a hot engine keeps its sessions",
             g.affinity_load_bound,
+        )
+
+
+def _shared_placement_problems(s: Settings) -> Iterator[Problem]:
+    """Shared placement needs the sidecar (its image) and Redis; a TTL the sidecar renews at
+    half its length must leave it time to."""
+    g = s.gateway
+    if not (
+        g.load_balancing == "sessionAffinity" and g.shared_session_placement and g.replicas > 1
+    ):
+        return
+    if not s.redis.enabled:
+        yield Problem(
+            "redis.enabled",
+            f"must be true for gateway.sharedSessionPlacement with {g.replicas} replicas: the "
+            "replicas share each session's engine through Redis (or set "
+            "gateway.sharedSessionPlacement: false and accept that replicas place apart)",
+        )
+    if not g.quota_image:
+        yield Problem(
+            "gateway.quotaImage",
+            "required for gateway.sharedSessionPlacement with 2+ replicas: the sidecar that "
+            "talks to Redis runs in it (an official python image, e.g. python:3.12-slim)",
+        )
+    if g.session_ttl_seconds < MIN_SHARED_SESSION_TTL_SECONDS:
+        yield Problem(
+            "gateway.sessionTtlSeconds",
+            f"must be at least {MIN_SHARED_SESSION_TTL_SECONDS} with sharedSessionPlacement: "
+            "each replica re-reads a session's engine from Redis every half TTL, so a shorter "
+            "one puts Redis on the path of most requests",
+            g.session_ttl_seconds,
         )
 
 
@@ -164,6 +200,27 @@ def _deployment_routing_problems(s: Settings, d: DeploymentSettings) -> Iterator
             "--mm-processor-kwargs would replace the max_pixels of maxImagePixels (vLLM "
             "keeps the last); put max_pixels into that JSON and drop maxImagePixels",
         )
+
+
+def image_guard_warnings(s: Settings) -> list[Problem]:
+    """Image guards that admit requests no context can hold: vLLM answers those with a 400."""
+    found = []
+    for d in s.serving.deployments:
+        images = d.limit_mm_per_prompt.get("image", 0)
+        tokens = images * (max_image_pixels(d) // VISION_TOKEN_PIXELS)
+        if images and tokens > d.max_model_len:
+            fit = d.max_model_len // images * VISION_TOKEN_PIXELS
+            found.append(
+                Problem(
+                    f"{deployment_path(s, d)}.maxImagePixels",
+                    f"{images} images at this size take {tokens:,} image tokens, more than "
+                    f"maxModelLen {d.max_model_len:,}, so such requests get a 400; set "
+                    f"maxImagePixels well below {fit:,} (room for the text) or allow fewer "
+                    "images in limitMmPerPrompt",
+                    d.max_image_pixels,
+                )
+            )
+    return found
 
 
 def _key_policy_problems(s: Settings) -> Iterator[Problem]:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from stacks.parse import Problem
 from stacks.rules.common import COMMIT, DIGEST, deployment_path, images
 from stacks.rules.data import webui_warnings
+from stacks.rules.gateway import image_guard_warnings
 from stacks.schema import Settings
 
 
@@ -74,4 +75,5 @@ def warnings(s: Settings) -> list[Problem]:
         if _PLACEHOLDER.match(d.revision)
     ]
     found += webui_warnings(s)
+    found += image_guard_warnings(s)
     return found

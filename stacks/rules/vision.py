@@ -18,8 +18,6 @@ from stacks.vision_plan import (
     vision_plan,
 )
 
-# Flags the vision tier sets itself; the same flag in extraArgs would contradict it.
-VISION_FLAGS = ("--ec-transfer-config", "--mm-encoder-only", "--enable-request-id-headers")
 _CRON_FIELD = re.compile(r"^[0-9*/,-]+$")
 _CRON_FIELDS = 5
 
@@ -53,13 +51,6 @@ def _deployment_vision_rules(s: Settings, path: str, d: DeploymentSettings) -> I
             "encode; set mode aggregated or allow images",
             v.mode,
         )
-    for i, arg in enumerate(d.extra_args):
-        if arg.split("=", 1)[0] in VISION_FLAGS:
-            yield Problem(
-                f"{deployment_path(s, d)}.extraArgs[{i}]",
-                f"{arg.split('=', 1)[0]} is set by vision.mode disaggregated; remove it",
-                arg,
-            )
     yield from _encoder_fit_problems(s, path, d)
 
 

@@ -86,7 +86,7 @@ def test_extra_args_may_not_repeat_the_vision_flags() -> None:
     two_b(config)["extraArgs"] = ["--mm-encoder-only"]
     text = problems(config)
     assert "serving.deployments[0].extraArgs[0]" in text
-    assert "set by vision.mode disaggregated" in text
+    assert "set by the engine builder from vision" in text
 
 
 def test_the_vision_block_is_off_by_default() -> None:
