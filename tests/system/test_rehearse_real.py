@@ -250,7 +250,9 @@ def test_sdk_streams_sse(sdk: dict[str, Any]) -> None:
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert len({c["id"] for c in chunks}) == 1
     deltas = [c for c in chunks if c["delta"] is not None and c["usage"] is None]
-    assert len(deltas) >= 32  # max_tokens 32 with ignore_eos: one event per token (+ role)
+    # max_tokens 32 with ignore_eos: an event per token plus the role's, except that vLLM holds
+    # back a token ending inside a UTF-8 character (random byte tokens) until one completes it.
+    assert 16 <= len(deltas) <= 33
     assert [c["finish_reason"] for c in chunks if c["finish_reason"]] == ["length"]
     # include_usage: the last event carries the usage and no choices
     assert chunks[-1]["usage"]["completion_tokens"] == 32
