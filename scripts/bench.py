@@ -106,6 +106,8 @@ CLIENT: Final = "client"
 GATEWAY: Final = "gateway"
 GATEWAY_B: Final = "gateway-b"  # the second replica of (5); Redis runs next to the first
 GATEWAYS: Final = (GATEWAY, GATEWAY_B)
+# (3) in legs that alternate the two replicas; the same seed gives the same session ids in each.
+AFFINITY_LEGS: Final = 4
 ENGINES: Final = ("engine-0", "engine-1", "engine-2")
 REAL: Final = "engine-real"  # the real vLLM CPU engine of (6)
 ENGINE_CACHE: Final = "engine-cache"  # its HF_HOME and VLLM_CACHE_ROOT, under the state dir
@@ -251,6 +253,9 @@ class Topology:
     def address(self, role: str) -> str:
         return str(self.network.host(self.netns(role)).address)
 
+    def access_log_of(self, gateway: str) -> Path:
+        return Path(_gateway_paths(self.state.path.parent, gateway).access_log)
+
     @property
     def gateway_url(self) -> str:
         return self.url_of(GATEWAY)
@@ -302,6 +307,7 @@ def bench_conf_args(
         ),
         default_deployment=SOLO,
         load_balancing="sessionAffinity",
+        shared_placement=True,  # two replicas: (3) goes through both
         requests_per_second=RATE_LIMIT_PER_S,
         burst=RATE_BURST,
         keys=dict(KEY_POLICIES),
@@ -506,6 +512,7 @@ def plan_phases(topo: Topology, opts: BenchOptions, figures: Sequence[str]) -> l
     direct = (topo.engine_url("engine-0"), topo.engine_key, Route(SOLO, SOLO_MODEL, CHAT_PATH))
     gateway = (topo.gateway_url, topo.client_key, Route(SOLO, SOLO_MODEL, CHAT_PATH))
     trio = (topo.gateway_url, topo.client_key, Route(TRIO, TRIO_MODEL, CHAT_PATH))
+    trio_b = (topo.url_of(GATEWAY_B), topo.client_key, Route(TRIO, TRIO_MODEL, CHAT_PATH))
     common: dict[str, Any] = {
         "users": opts.users,
         "spawn_rate": 50.0,
@@ -540,28 +547,32 @@ def plan_phases(topo: Topology, opts: BenchOptions, figures: Sequence[str]) -> l
                 )
                 for name, target in order
             ]
-    # (3) and (4): sessions over all three engines, non-streamed and streamed.
-    trio_phases: tuple[tuple[str, int, float, dict[str, Any]], ...] = (
-        (
-            "affinity",
-            opts.affinity_users,
-            opts.affinity_s,
-            {"stream_ratio": 0.0, "max_tokens": opts.max_tokens},
-        ),
-        ("failover", opts.failover_users, opts.failover_s, {"stream_ratio": 1.0}),
-    )
-    for name, users, duration_s, mode in trio_phases:
-        if name in figures:
-            phases.append(
-                phase(
-                    name,
-                    trio,
-                    users=users,
-                    duration_s=duration_s,
-                    sessions_per_user=opts.sessions_per_user,
-                    **mode,
-                )
+    # (3): sessions over all three engines, legs alternating the two replicas (as an NLB spreads
+    # a client's connections); (4): streamed sessions through one replica.
+    if "affinity" in figures:
+        phases += [
+            phase(
+                f"affinity/{leg}",
+                (trio, trio_b)[leg % 2],
+                users=opts.affinity_users,
+                duration_s=opts.affinity_s / AFFINITY_LEGS,
+                sessions_per_user=opts.sessions_per_user,
+                stream_ratio=0.0,
+                max_tokens=opts.max_tokens,
             )
+            for leg in range(AFFINITY_LEGS)
+        ]
+    if "failover" in figures:
+        phases.append(
+            phase(
+                "failover",
+                trio,
+                users=opts.failover_users,
+                duration_s=opts.failover_s,
+                sessions_per_user=opts.sessions_per_user,
+                stream_ratio=1.0,
+            )
+        )
     return phases
 
 
@@ -606,7 +617,7 @@ def run_phases(
     return RunResult(
         records=read_records(out / "requests.csv"),
         phases={p["name"]: (p["started"], p["ended"]) for p in meta["phases"]},
-        access=read_access_log(topo.access_log),
+        access={k: v for g in GATEWAYS for k, v in read_access_log(topo.access_log_of(g)).items()},
         kill_time=kill_time,
     )
 
@@ -1083,7 +1094,7 @@ def affinity_figure(result: RunResult, topo: Topology, opts: BenchOptions) -> Fi
     """(3): per session, the share of its requests on its most used engine; sessions per engine."""
     engines_of: dict[str, Counter[str]] = defaultdict(Counter)
     unmatched = 0
-    records = [r for r in result.records if r.phase == "affinity" and r.ok]
+    records = [r for r in result.records if r.phase.startswith("affinity/") and r.ok]
     for r in records:
         entry = result.access.get(r.request_id)
         if entry is None:
@@ -1124,17 +1135,20 @@ def affinity_figure(result: RunResult, topo: Topology, opts: BenchOptions) -> Fi
     ]
     return Figure(
         key="affinity",
-        title="(3) Session affinity over three engines",
+        title="(3) Session affinity over three engines, through two gateway replicas",
         command=opts.command(["affinity"]),
         table=table,
         notes=[
             f"{opts.affinity_users} users x {opts.sessions_per_user} sessions each "
-            f"({topo.affinity_header} header), {opts.affinity_s:g} s; each request's engine "
-            "from the gateway's access log (upstream_addr), joined on X-Request-Id.",
+            f"({topo.affinity_header} header), {opts.affinity_s:g} s in {AFFINITY_LEGS} legs "
+            "alternating the two replicas (the same session ids in each leg); each request's "
+            "engine from its replica's access log (upstream_addr), joined on X-Request-Id.",
             f"requests not found in the access log: {unmatched}",
             "The router (gateway_router.js) gives a new session to the engine with the fewest "
             "sessions and keeps it there while that engine is healthy and under "
-            "affinityLoadBound times the mean open requests. Targets: stickiness >= 0.99, "
+            "affinityLoadBound times the mean open requests; the replicas share placements "
+            "through their sidecars' Redis (docs/gateway.md#shared-placement). "
+            "Targets: stickiness >= 0.99, "
             "distance from the mean <= 0.15 (before this router: nginx `hash`, 13/5/12).",
         ],
     )
@@ -1455,6 +1469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with topology(args.state_dir.resolve(), opts) as topo:
                 result = run_phases(topo, plan_phases(topo, opts, standin_keys), opts, out)
                 shutil.copy(topo.access_log, out / "access.log")
+                shutil.copy(topo.access_log_of(GATEWAY_B), out / f"access-{GATEWAY_B}.log")
                 builders = {
                     "overhead": lambda: overhead_figure(result, opts),
                     "streaming": lambda: streaming_figure(result, opts),

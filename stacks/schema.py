@@ -418,7 +418,14 @@ class GatewaySettings:
     )
     default_priority_class: str = setting("Class of keys without one.", "interactive")
     session_ttl_seconds: int = setting(
-        "How long an idle session keeps its engine (sessionAffinity).", 1800
+        "How long an idle session keeps its engine (sessionAffinity): in each replica's "
+        "memory and, shared, in Redis (session:<deployment>:<id>).",
+        1800,
+    )
+    shared_session_placement: bool = setting(
+        "With sessionAffinity and 2+ replicas, keep each session's engine in Redis (through "
+        "the sidecar) so that every replica sends it to the same engine.",
+        True,
     )
     affinity_load_bound: float = setting(
         "A session leaves its engine when that engine has more than this times the "

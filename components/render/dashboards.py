@@ -314,6 +314,7 @@ def _routing_panels() -> tuple[Panel, ...]:
     routed = selector("gateway_routed_requests_total", job=JOB_ROUTER)
     rejected = selector("gateway_rejected_requests_total", job=JOB_ROUTER)
     shared = selector("gateway_quota_shared", job=JOB_ROUTER)
+    alone = selector("gateway_placement_fallbacks_total", job=JOB_ROUTER)
     return (
         Panel(
             "Routed requests by model and class",
@@ -325,7 +326,8 @@ def _routing_panels() -> tuple[Panel, ...]:
             (Query(f"sum by (decision) ({rate(routed)})", "{{decision}}"),),
             "reqps",
             "sticky: a session kept its engine; new_session: placed on the engine with the "
-            "fewest sessions; moved: its engine failed or was overloaded; least_conn: no session.",
+            "fewest sessions; shared: placed by another replica (Redis); moved: its engine "
+            "failed or was overloaded; least_conn: no session.",
         ),
         Panel(
             "Refused by the gateway, by reason and key",
@@ -344,6 +346,13 @@ def _routing_panels() -> tuple[Panel, ...]:
             (Query(f"min({shared})", "shared"),),
             "short",
             max=1,
+        ),
+        Panel(
+            "Session placements made without Redis (replicas may disagree)",
+            (Query(f"sum by (deployment) ({rate(alone)})", "{{deployment}}"),),
+            "reqps",
+            "Redis or the pod's sidecar did not answer: the replica placed the session alone "
+            "(docs/gateway.md#shared-placement).",
         ),
     )
 

@@ -26,10 +26,10 @@ from components.render.nginx_conf import (
     ROUTES_FILE,
     STATUS_PATH,
     NginxConfArgs,
-    quota_enabled,
     render_nginx_conf,
     render_routes_js,
     router_source,
+    sidecar_enabled,
 )
 from components.render.redis_conf import APP_USER, PASSWORD_ENTRY
 from stacks.naming import (
@@ -119,7 +119,9 @@ def config_files(conf: NginxConfArgs) -> dict[str, str]:
 def quota_container(args: GatewayPod) -> dict[str, Any]:
     """The quota sidecar: per-key requests per minute in Redis, shared by all replicas."""
     if not args.quota_image or not args.redis_address:
-        raise ValueError("a key has a quota: the quota sidecar needs an image and Redis' address")
+        raise ValueError(
+            "the quota sidecar needs an image and Redis' address (quotas, shared placement)"
+        )
     limits = [
         f"--limit={key_id}={k.requests_per_minute}"
         for key_id, k in sorted(args.conf.keys.items())
@@ -151,7 +153,7 @@ def quota_container(args: GatewayPod) -> dict[str, Any]:
 
 def pod_labels(args: GatewayPod) -> dict[str, str]:
     """Extra pod labels: the quota sidecar is a Redis client (Redis' NetworkPolicy admits it)."""
-    return {REDIS_CLIENT_LABEL: "true"} if quota_enabled(args.conf) else {}
+    return {REDIS_CLIENT_LABEL: "true"} if sidecar_enabled(args.conf) else {}
 
 
 def sha256(text: str) -> str:
@@ -303,7 +305,7 @@ def build_pod_spec(args: GatewayPod, selector: Mapping[str, str]) -> dict[str, A
                 },
                 "security_context": _HARDENED,
             },
-            *([quota_container(args)] if quota_enabled(args.conf) else []),
+            *([quota_container(args)] if sidecar_enabled(args.conf) else []),
         ],
         "volumes": [
             {"name": "config", "config_map": {"name": CONFIG_MAP_NAME}},

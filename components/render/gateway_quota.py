@@ -1,4 +1,5 @@
-"""The gateway pod's quota sidecar: per-key requests-per-minute shared by every gateway replica.
+"""The gateway pod's quota sidecar: per-key requests-per-minute and session placements shared by
+every gateway replica.
 
 The router (gateway_router.js) asks `GET /check?key=<key id>` before it forwards a request of a
 key with a quota. The count lives in Redis, one counter per key and minute (INCR + EXPIRE in one
@@ -6,6 +7,11 @@ script), so N replicas together admit the key's limit, not N times it. When Redi
 reached the sidecar keeps answering from its own counters, each replica admitting
 ceil(limit / replicas), says so once in its log, in every answer (`X-Quota-Mode: local`) and
 in its metrics, and tries Redis again after a few seconds.
+
+It also keeps each session's engine (`GET /placement`, docs/gateway.md#shared-placement) in
+Redis under `session:<deployment>:<session id>`, asked only for sessions a replica has not seen
+(or has not confirmed for half the TTL): one SET NX GET decides a race between replicas. When
+Redis cannot be reached it answers 503 at once and the router places the session itself.
 
 Why a sidecar and not nginx itself: njs has no TCP sockets and cannot speak Redis' protocol;
 docs/gateway.md#quotas weighs the options. Standard library only, so the official Python image
@@ -29,11 +35,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 WINDOW_SECONDS = 60
+# Move a session only if it is still where the mover saw it (or gone): two replicas that saw one
+# engine fail then agree on the first one's choice instead of each writing its own.
+_MOVE_SCRIPT = (
+    "local v = redis.call('GET', KEYS[1]) "
+    "if v and v ~= ARGV[1] then redis.call('EXPIRE', KEYS[1], ARGV[3]) return v end "
+    "redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) return ARGV[2]"
+)
 # One round trip: count the request and make the window's key expire with the window.
 _INCR_SCRIPT = "local n = redis.call('INCR', KEYS[1]) if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end return n"
 REDIS_TIMEOUT_SECONDS = 0.25
 RETRY_REDIS_AFTER_SECONDS = 5.0
 PASSWORD_ENV = "QUOTA_REDIS_PASSWORD"
+SESSION_PREFIX = "session:"  # the seed's key scheme (docs/data.md#the-key-scheme)
+PLACEMENT_OPS = ("claim", "touch", "move")
 USER_ENV = "QUOTA_REDIS_USER"
 
 log = logging.getLogger("gateway-quota")
@@ -105,6 +120,40 @@ class RedisClient:
 
 
 @dataclass
+class Placement:
+    """Which engine a session lives on, in Redis; every answer is the engine Redis holds now."""
+
+    redis: RedisClient | None
+    clock: Callable[[], float] = time.time
+    _down_until: float = 0.0
+
+    def decide(self, op: str, key: str, engine: str, ttl: int, old: str = "") -> str | None:
+        """claim: the stored engine, else store `engine` (SET NX GET: one winner per race);
+        touch: the stored engine with its TTL renewed (claim when it expired);
+        move: store `engine` if the stored one is still `old` (or none), else keep that one.
+        None when Redis cannot be reached."""
+        now = self.clock()
+        if self.redis is None or now < self._down_until:
+            return None
+        name = f"{SESSION_PREFIX}{key}"
+        try:
+            if op == "touch":
+                held = self.redis.call("GETEX", name, "EX", str(ttl))
+            elif op == "move":
+                held = self.redis.call("EVAL", _MOVE_SCRIPT, "1", name, old, engine, str(ttl))
+            else:
+                held = None
+            if held is None:
+                held = self.redis.call("SET", name, engine, "NX", "GET", "EX", str(ttl)) or engine
+        except (OSError, RedisError) as e:
+            log.warning("Redis unreachable (%s): sessions placed per replica for a while", e)
+            self._down_until = now + RETRY_REDIS_AFTER_SECONDS
+            return None
+        self._down_until = 0.0
+        return str(held)
+
+
+@dataclass
 class Quota:
     limits: Mapping[str, int]  # key id -> requests per minute
     replicas: int
@@ -125,7 +174,7 @@ class Quota:
             return True, retry_after, "none"
         count, mode = self._count(key, window, now)
         allowed = count <= (limit if mode == "redis" else math.ceil(limit / self.replicas))
-        self._bump(
+        self.bump(
             f'gateway_quota_decisions_total{{mode="{mode}",allowed="{str(allowed).lower()}"}}'
         )
         return allowed, retry_after, mode
@@ -147,7 +196,7 @@ class Quota:
                         e,
                         self.replicas,
                     )
-                self._bump("gateway_quota_redis_errors_total")
+                self.bump("gateway_quota_redis_errors_total")
                 self._redis_down_until = now + RETRY_REDIS_AFTER_SECONDS
         with self._lock:
             slot = (key, window)
@@ -156,7 +205,7 @@ class Quota:
             self._local_counts[slot] = self._local_counts.get(slot, 0) + 1
             return self._local_counts[slot], "local"
 
-    def _bump(self, name: str) -> None:
+    def bump(self, name: str) -> None:
         with self._lock:
             self.stats[name] = self.stats.get(name, 0) + 1
 
@@ -175,7 +224,7 @@ class Quota:
         )
 
 
-def make_handler(quota: Quota) -> type[BaseHTTPRequestHandler]:
+def make_handler(quota: Quota, placement: Placement) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # nginx keeps its connections to us alive
 
@@ -187,6 +236,9 @@ def make_handler(quota: Quota) -> type[BaseHTTPRequestHandler]:
             if url.path == "/metrics":
                 self._reply(200, {"Content-Type": "text/plain; version=0.0.4"}, quota.metrics())
                 return
+            if url.path == "/placement":
+                self._placement(parse_qs(url.query))
+                return
             if url.path != "/check":
                 self._reply(404, {}, "")
                 return
@@ -196,6 +248,20 @@ def make_handler(quota: Quota) -> type[BaseHTTPRequestHandler]:
             if not allowed:
                 headers["Retry-After"] = str(retry_after)
             self._reply(204 if allowed else 429, headers, "")
+
+        def _placement(self, query: Mapping[str, list[str]]) -> None:
+            words = {k: query.get(k, [""])[0] for k in ("op", "key", "engine", "ttl", "from")}
+            if words["op"] not in PLACEMENT_OPS or not words["key"] or not words["ttl"].isdigit():
+                self._reply(400, {}, "")
+                return
+            held = placement.decide(
+                words["op"], words["key"], words["engine"], int(words["ttl"]), words["from"]
+            )
+            if held is None:
+                quota.bump("gateway_placement_redis_errors_total")
+                self._reply(503, {}, "")
+                return
+            self._reply(204, {"X-Placement": held}, "")
 
         def _reply(self, status: int, headers: Mapping[str, str], body: str) -> None:
             data = body.encode()
@@ -233,8 +299,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         host, _, port = args.redis.rpartition(":")
         redis = RedisClient(host, int(port), os.environ.get(USER_ENV), os.environ.get(PASSWORD_ENV))
     quota = Quota(limits=parse_limits(args.limit), replicas=max(1, args.replicas), redis=redis)
+    placement = Placement(redis=redis)
     host, _, port = args.listen.rpartition(":")
-    server = ThreadingHTTPServer((host, int(port)), make_handler(quota))
+    server = ThreadingHTTPServer((host, int(port)), make_handler(quota, placement))
     server.daemon_threads = True
     log.info("listening on %s, redis %s, limits %s", args.listen, args.redis or "-", quota.limits)
     server.serve_forever()

@@ -34,6 +34,7 @@ const HELP = {
     gateway_quota_checks_total: 'Quota checks by outcome and mode (redis = shared by all replicas, local = per replica).',
     gateway_encoder_requests_total: 'Image requests the encoder tier encoded (or found cached) before the engine.',
     gateway_encoder_skipped_total: 'Image requests whose encoder pre-step failed and was skipped.',
+    gateway_placement_fallbacks_total: 'Session placements this replica made alone: Redis (or the sidecar) did not answer.',
 };
 
 // One scrape for the routing tier and the quota sidecar (which listens on loopback only).
@@ -49,7 +50,7 @@ async function metrics(r) {
         lines = lines.concat((byName[name] || []).sort());
     });
     let quota = '';
-    if (routes.quota) {
+    if (routes.quota || routes.sharedPlacement) {
         try {
             const reply = await r.subrequest('/_quota_metrics');
             quota = reply.status === 200 ? reply.responseText : '';
@@ -260,6 +261,10 @@ async function withinQuota(r, key) {
 
 // ---------------------------------------------------------------- engines
 
+const PLACEMENT_PATH = '/_placement';
+// After Redis failed to answer, a session's next request past this many seconds asks again.
+const PLACEMENT_RETRY_SECONDS = 5;
+
 function sessionKey(r, request) {
     const header = r.headersIn[routes.affinityHeader];
     const value = field(request, 'user');
@@ -303,25 +308,98 @@ function leastLoaded(engines) {
     });
 }
 
+function usable(upstream, engines) {
+    return engines.indexOf(upstream) >= 0 && healthy(upstream) && !overloaded(upstream, engines);
+}
+
+// This replica's memory of a session: [engine, when Redis last confirmed it] or null.
+function remembered(id) {
+    const value = ngx.shared.gateway_sessions.get(id);
+    if (!value) {
+        return null;
+    }
+    const parts = value.split(' ');
+    return [parts[0], Number(parts[1]) || 0];
+}
+
+function remember(id, known, upstream, confirmed) {
+    if (known && known[0] !== upstream) {
+        ngx.shared.gateway_engines.incr('sessions:' + known[0], -1, 1);
+    }
+    if (!known || known[0] !== upstream) {
+        ngx.shared.gateway_engines.incr('sessions:' + upstream, 1, 0);
+    }
+    ngx.shared.gateway_sessions.set(id, upstream + ' ' + confirmed); // also renews the idle timeout
+}
+
+// The engine Redis holds for the session after `op` (the sidecar's claim / touch / move from
+// `from`, docs/gateway.md#shared-placement), or null when Redis or the sidecar cannot answer.
+async function sharedEngine(r, op, deployment, session, upstream, from) {
+    const args = 'op=' + op + '&ttl=' + routes.sessionTtl + '&engine=' + encodeURIComponent(upstream) +
+        '&from=' + encodeURIComponent(from || '') + '&key=' + encodeURIComponent(deployment + ':' + session);
+    let reply;
+    try {
+        reply = await r.subrequest(PLACEMENT_PATH, { args: args, method: 'GET' });
+    } catch (e) {
+        reply = { status: 502, headersOut: {} };
+    }
+    const held = reply.status === 204 ? reply.headersOut['X-Placement'] : null;
+    if (!held) {
+        counter('gateway_placement_fallbacks_total', { deployment: deployment, op: op });
+    }
+    return held || null;
+}
+
+// When this replica asks Redis again: after half the TTL, or soon after Redis failed to answer.
+function confirmedAt(held) {
+    return held ? now() : now() - routes.sessionTtl / 2 + PLACEMENT_RETRY_SECONDS;
+}
+
 // Least-loaded assignment remembered per session: a session keeps its engine while that
 // engine is healthy and not overloaded; a new (or moved) session goes to the engine with
-// the fewest sessions. Returns [upstream, decision].
-function affinity(deployment, session) {
+// the fewest sessions. With several replicas the placement is shared through Redis, asked
+// only for a session this replica has not seen (or not confirmed for half the TTL), so the
+// usual request costs no round trip. Returns [upstream, decision].
+async function affinity(r, deployment, session) {
     const engines = routes.deployments[deployment].engines;
-    const dict = ngx.shared.gateway_sessions;
     const id = deployment + '|' + session;
-    const current = dict.get(id);
-    if (current && engines.indexOf(current) >= 0 && healthy(current) && !overloaded(current, engines)) {
-        dict.set(id, current); // refreshes the idle timeout
-        return [current, 'sticky'];
+    const known = remembered(id);
+    const shared = routes.sharedPlacement;
+    const fresh = known && (!shared || now() - known[1] < routes.sessionTtl / 2);
+    if (fresh && usable(known[0], engines)) {
+        remember(id, known, known[0], known[1]);
+        return [known[0], 'sticky'];
+    }
+    let current = known ? known[0] : null;
+    let counted = known;
+    let decision = known ? 'sticky' : 'new_session';
+    let confirmed = known ? known[1] : 0;
+    if (shared && !(known && !usable(known[0], engines))) {
+        // Unseen here, or due for a refresh: another replica may have placed (or moved) it.
+        const candidate = current || leastLoaded(engines);
+        if (!known) {
+            // Counted before the wait: new sessions arriving meanwhile must not all pick it.
+            ngx.shared.gateway_engines.incr('sessions:' + candidate, 1, 0);
+            counted = [candidate, 0];
+        }
+        const held = await sharedEngine(r, known ? 'touch' : 'claim', deployment, session, candidate);
+        confirmed = confirmedAt(held);
+        current = held || candidate;
+        decision = !known && held && held !== candidate ? 'shared' : decision;
+    }
+    if (current && usable(current, engines)) {
+        remember(id, counted, current, confirmed);
+        return [current, decision];
     }
     const others = engines.filter((e) => e !== current);
-    const chosen = leastLoaded(others.length ? others : engines);
-    if (current) {
-        ngx.shared.gateway_engines.incr('sessions:' + current, -1, 1);
+    let chosen = leastLoaded(others.length ? others : engines);
+    let held = null;
+    if (shared) {
+        // Another replica may have moved it first (it saw the same failure): theirs then.
+        held = await sharedEngine(r, 'move', deployment, session, chosen, current);
+        chosen = held && held !== current && usable(held, engines) ? held : chosen;
     }
-    ngx.shared.gateway_engines.incr('sessions:' + chosen, 1, 0);
-    dict.set(id, chosen);
+    remember(id, counted, chosen, shared ? confirmedAt(held) : 0);
     return [chosen, current ? 'moved' : 'new_session'];
 }
 
@@ -347,7 +425,8 @@ async function probe() {
 function recount() {
     const counts = {};
     ngx.shared.gateway_sessions.items().forEach((item) => {
-        counts[item[1]] = (counts[item[1]] || 0) + 1;
+        const upstream = item[1].split(' ')[0];
+        counts[upstream] = (counts[upstream] || 0) + 1;
     });
     Object.keys(routes.deployments).forEach((d) => {
         routes.deployments[d].engines.forEach((e) => {
@@ -466,7 +545,7 @@ async function dispatch(r) {
     }
     const keyClass = (routes.keys[key] || {}).class || routes.defaultClass;
     const session = routes.affinity && r.method === 'POST' ? sessionKey(r, request) : '';
-    const pick = session ? affinity(deployment, session) : [target.upstream, 'least_conn'];
+    const pick = session ? await affinity(r, deployment, session) : [target.upstream, 'least_conn'];
     const upstream = pick[0];
     const decision = pick[1];
     const route = {

@@ -64,6 +64,7 @@ QUOTA_SOURCE: Final = Path(__file__).with_name("gateway_quota.py")  # the quota 
 JS_MODULE: Final = "/usr/lib/nginx/modules/ngx_http_js_module.so"
 METRICS_PATH: Final = "/metrics"
 QUOTA_PATH: Final = "/_quota"
+PLACEMENT_PATH: Final = "/_placement"  # the router's shared session placement (the sidecar)
 ENCODER_PATH: Final = "/_encoder"  # + /<deployment>/v1/...: the router's encoder pre-step
 # Sessions idle longer than this lose their engine; recounting keeps the per-engine
 # session counts true as they expire.
@@ -193,6 +194,8 @@ class NginxConfArgs:
     default_priority_class: str
     session_ttl_seconds: int
     affinity_load_bound: float
+    # Session placements shared by the replicas through the sidecar's Redis (sessionAffinity).
+    shared_placement: bool = False
     keys: Mapping[str, KeyPolicy] = field(default_factory=dict)
     listen: str = str(GATEWAY_PORT)
     status_listen: str = f"127.0.0.1:{GATEWAY_STATUS_PORT}"  # the exporter sidecar only
@@ -270,6 +273,7 @@ def build_nginx_conf_args(
         default_priority_class=g.default_priority_class,
         session_ttl_seconds=g.session_ttl_seconds,
         affinity_load_bound=g.affinity_load_bound,
+        shared_placement=shared_placement(settings),
         keys={
             key_id: KeyPolicy(
                 priority_class=policy.priority_class or g.default_priority_class,
@@ -284,6 +288,26 @@ def quota_enabled(args: NginxConfArgs) -> bool:
     return any(k.requests_per_minute for k in args.keys.values())
 
 
+def shared_placement(settings: Settings) -> bool:
+    """Several replicas with session affinity keep each session's engine in Redis."""
+    g = settings.gateway
+    return (
+        g.load_balancing == "sessionAffinity"
+        and g.shared_session_placement
+        and g.replicas > 1
+        and settings.redis.enabled
+    )
+
+
+def sidecar_enabled(args: NginxConfArgs) -> bool:
+    """The sidecar (gateway_quota.py) runs for quotas and for shared session placement."""
+    return quota_enabled(args) or placement_enabled(args)
+
+
+def placement_enabled(args: NginxConfArgs) -> bool:
+    return args.shared_placement and args.load_balancing == "sessionAffinity"
+
+
 def render_routes_js(args: NginxConfArgs, created: int = 0) -> str:
     """The routing tier's data module (ConfigMap `routes.js`): JSON is valid JavaScript."""
     _check(args)
@@ -292,6 +316,8 @@ def render_routes_js(args: NginxConfArgs, created: int = 0) -> str:
         "affinity": args.load_balancing == "sessionAffinity",
         "affinityHeader": args.affinity_header,
         "loadBound": args.affinity_load_bound,
+        "sharedPlacement": placement_enabled(args),
+        "sessionTtl": args.session_ttl_seconds,
         "failTimeout": FAIL_TIMEOUT_SECONDS,
         "created": created,
         "quota": quota_enabled(args),
@@ -487,10 +513,18 @@ def _http(args: NginxConfArgs) -> list[str]:
     for backend in args.deployments:
         if backend.encoder:
             lines += ["", *_encoder_upstream(args, backend)]
-    if quota_enabled(args):
+    if sidecar_enabled(args):
         lines += [
             "",
-            *_block("upstream gateway_quota", [f"server {args.quota_address};", "keepalive 8;"]),
+            *_block(
+                "upstream gateway_quota",
+                [
+                    f"server {args.quota_address};",
+                    "keepalive 8;",
+                    # Frees the sidecar's thread of an idle connection (it never times one out).
+                    f"keepalive_timeout {UPSTREAM_KEEPALIVE_TIMEOUT_SECONDS}s;",
+                ],
+            ),
         ]
     return [
         *lines,
@@ -658,6 +692,8 @@ def _api_server(args: NginxConfArgs) -> list[str]:
     ]
     if quota_enabled(args):
         lines += _block(f"location = {QUOTA_PATH}", _quota_proxy())
+    if placement_enabled(args):
+        lines += _block(f"location = {PLACEMENT_PATH}", _placement_proxy())
     for d in args.deployments:
         if d.encoder:
             lines += _block(f"location {ENCODER_PATH}/{d.name}/", _encoder_proxy(args, d))
@@ -774,6 +810,20 @@ def _quota_proxy() -> list[str]:
     ]
 
 
+def _placement_proxy() -> list[str]:
+    """The router's placement question (new sessions only): short bounds, since the request
+    waits for it; past them the router places the session itself."""
+    return [
+        "internal;",
+        "proxy_pass_request_body off;",
+        'proxy_set_header Content-Length "";',
+        'proxy_set_header Connection "";',
+        "proxy_connect_timeout 200ms;",
+        "proxy_read_timeout 500ms;",
+        "proxy_pass http://gateway_quota/placement$is_args$args;",
+    ]
+
+
 def _status_server(args: NginxConfArgs) -> list[str]:
     return [
         f"listen {args.status_listen};",
@@ -794,7 +844,7 @@ def _metrics_server(args: NginxConfArgs) -> list[str]:
                 "location = /_quota_metrics",
                 ["internal;", "proxy_pass http://gateway_quota/metrics;"],
             )
-            if quota_enabled(args)
+            if sidecar_enabled(args)
             else []
         ),
         *_block("location /", ["return 404;"]),

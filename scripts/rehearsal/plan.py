@@ -15,13 +15,18 @@ import secrets
 import string
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Literal
 
 from components.render.alert_rules import build_alert_rules, render_alert_rules
 from components.render.gateway_pod import COMPONENT as GATEWAY_COMPONENT
-from components.render.gateway_pod import GatewayPod, build_pod_spec, build_start_script
+from components.render.gateway_pod import (
+    GatewayPod,
+    build_pod_spec,
+    build_start_script,
+    pod_labels,
+)
 from components.render.network_policies import build_network_policies
 from components.render.nginx_conf import (
     API_KEYS_FILE,
@@ -790,7 +795,8 @@ def nginx_argv(settings: Settings, conf: Path) -> tuple[str, ...]:
 def gateway_exporter_argv(settings: Settings) -> tuple[str, ...]:
     """The exporter sidecar's args, from the gateway pod spec the cluster gets."""
     pod = GatewayPod(
-        conf=build_nginx_conf_args(settings),
+        # The exporter's args do not depend on the Redis sidecar (which the rehearsal does not run).
+        conf=replace(build_nginx_conf_args(settings), shared_placement=False),
         image=settings.gateway.image,
         exporter_image=settings.gateway.exporter_image,
     )
@@ -1097,9 +1103,13 @@ def engine_pod_labels(settings: Settings, pod: EnginePod) -> dict[str, str]:
     }
 
 
-def gateway_pod_labels() -> dict[str, str]:
+def gateway_pod_labels(settings: Settings) -> dict[str, str]:
     """The gateway Deployment's pod labels (components/gateway.py builds them the same way)."""
-    return common_labels(GATEWAY_COMPONENT, GATEWAY_NAME)
+    g = settings.gateway
+    pod = GatewayPod(
+        conf=build_nginx_conf_args(settings), image=g.image, exporter_image=g.exporter_image
+    )
+    return {**common_labels(GATEWAY_COMPONENT, GATEWAY_NAME), **pod_labels(pod)}
 
 
 def redis_pod_labels() -> dict[str, str]:
@@ -1111,7 +1121,7 @@ def pods_on(ctx: _Context, host: HostPlan) -> list[fw.Endpoint]:
     """The cluster's pods a host stands for, with their namespaces and labels."""
     ns, address = ctx.namespace, ctx.address(host.role)
     if host.kind == "gateway":
-        return [fw.Endpoint(host.role, ns, gateway_pod_labels(), address)]
+        return [fw.Endpoint(host.role, ns, gateway_pod_labels(ctx.settings), address)]
     if host.kind == "engine":
         pod = next(p for p in ctx.pods if p.name == host.role)
         return [fw.Endpoint(pod.name, ns, engine_pod_labels(ctx.settings, pod), address)]

@@ -152,8 +152,9 @@ def test_the_deployment_runs_nginx_and_the_exporter_on_system_nodes(
         {"name": "http", "containerPort": 8080},
         {"name": "router-metrics", "containerPort": 9145},
     ]
-    # No stack sets a quota: no sidecar, no Redis client label.
-    assert [c["name"] for c in spec["containers"]] == ["nginx", "exporter"]
+    # No stack sets a quota; the sidecar shares session placements where 2+ replicas run.
+    sidecar = ["quota"] if settings.gateway.replicas > 1 else []
+    assert [c["name"] for c in spec["containers"]] == ["nginx", "exporter", *sidecar]
     assert nginx["command"][-1].endswith("exec nginx -e stderr -c /etc/nginx/gateway/nginx.conf\n")
     assert exporter["args"] == [
         "--nginx.scrape-uri=http://127.0.0.1:8081/stub_status",

@@ -57,7 +57,7 @@ def test_the_rehearsal_firewall_gives_pods_their_registered_labels(run: StackRun
         for kind in ("Deployment", "StatefulSet")
         for doc in map(manifest, run.of_type(f"kubernetes:apps/v1:{kind}"))
     }
-    assert templates["gateway"] == P.gateway_pod_labels()
+    assert templates["gateway"] == P.gateway_pod_labels(settings)
     if settings.redis.enabled:
         assert templates["redis"] == P.redis_pod_labels()
     lws = {manifest(r)["metadata"]["name"]: manifest(r)["spec"] for r in run.of_type(LWS)}

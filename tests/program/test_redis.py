@@ -205,7 +205,10 @@ def test_connection_details_and_key_scheme_are_stack_outputs(runs: dict[str, Sta
 
 
 def test_a_stack_without_redis_has_none(tmp_path: Path) -> None:
-    run = run_variant(tmp_path, "prod", redis={"enabled": False})
+    # Without Redis the replicas cannot share session placements: switched off too.
+    run = run_variant(
+        tmp_path, "prod", redis={"enabled": False}, gateway={"sharedSessionPlacement": False}
+    )
     # (the generated password exists regardless: program/secrets.py makes every credential)
     assert not [
         r

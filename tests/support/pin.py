@@ -10,6 +10,7 @@ PROD_IMAGE_KEYS = [
     "serving.vllmImage",
     "gateway.image",
     "gateway.exporterImage",
+    "gateway.quotaImage",
     "redis.image",
     "redis.exporterImage",
     "webui.image",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import random
 import shutil
 import subprocess
 import time
@@ -25,6 +26,7 @@ import httpx
 import openai
 import pytest
 
+from components.render.gateway_quota import Placement, RedisClient
 from components.render.nginx_conf import KeyPolicy
 from tests.support.gateway_run import (
     CLIENT_KEYS,
@@ -35,6 +37,7 @@ from tests.support.gateway_run import (
     gateway_args,
     quota_sidecar,
     running_gateway,
+    schema_defaults,
     scratch_dir,
     stand_ins,
 )
@@ -46,6 +49,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 MIB = 2**20
+needs_redis = pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="make debs: redis-server"
+)
 QUOTA_RPM = 12
 # Two images per request on beta; priorities as the schema's default classes.
 BETA_MAX_IMAGES = 2
@@ -335,7 +341,7 @@ def two_replicas(
         yield gateways[0], gateways[1]
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="make debs: redis-server")
+@needs_redis
 def test_a_quota_holds_across_replicas_and_falls_back_per_replica(
     engines: dict[str, list[StandIn]],
 ) -> None:
@@ -374,6 +380,121 @@ def test_a_quota_holds_across_replicas_and_falls_back_per_replica(
     assert reference_names("gateway_metrics.txt") <= declared_names(metrics)
 
 
+# ------------------------------------------------------------------------ shared placement
+
+SESSIONS = 30
+ROUNDS = 6
+
+
+@contextlib.contextmanager
+def placing_replicas(
+    engines: dict[str, list[StandIn]], redis: str, *, shared: bool
+) -> Iterator[list[Gateway]]:
+    """Two session-affinity replicas, each with its sidecar, sharing one Redis (or not)."""
+    with contextlib.ExitStack() as stack:
+        gateways = []
+        for _ in range(2):
+            directory = stack.enter_context(scratch_dir())
+            sidecar = f"127.0.0.1:{free_port()}"
+            stack.enter_context(quota_sidecar(sidecar, {}, redis, replicas=2))
+            args = routed_args(directory, engines, shared_placement=shared, quota_address=sidecar)
+            gateways.append(stack.enter_context(running_gateway(args, directory)))
+        yield gateways
+
+
+def spread_sessions(gateways: list[Gateway]) -> dict[str, Counter[str]]:
+    """Every session's requests alternate over the replicas, its first on a replica drawn at
+    random (as a load balancer spreads connections); session -> engines that answered."""
+    # 14 sessions start on one replica, 16 on the other: replicas placing alone by the same
+    # least-loaded rule then disagree (with a multiple of 3 engines' worth, they happen to agree).
+    first = random.Random(17)
+    starts = {f"s-{i}": first.randrange(2) for i in range(SESSIONS)}
+    answered: dict[str, Counter[str]] = {s: Counter() for s in starts}
+    with contextlib.ExitStack() as stack:
+        clients = [
+            stack.enter_context(httpx.Client(base_url=gw.url, timeout=10, headers=bearer()))
+            for gw in gateways
+        ]
+        for round_ in range(ROUNDS):
+            for session, start in starts.items():
+                reply = clients[(start + round_) % 2].post(
+                    "/v1/chat/completions",
+                    json=chat_body("model-alpha"),
+                    headers={"X-Session-Id": session},
+                )
+                assert reply.status_code == 200, reply.text
+                answered[session][reply.json()["upstream"]] += 1
+    return answered
+
+
+def redis_cli(redis: str, *words: str) -> str:
+    argv = ["redis-cli", "-p", redis.rsplit(":", 1)[1], *words]
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def stickiness(answered: dict[str, Counter[str]]) -> float:
+    on_home = sum(c.most_common(1)[0][1] for c in answered.values())
+    return on_home / sum(sum(c.values()) for c in answered.values())
+
+
+@needs_redis
+def test_two_replicas_send_a_session_to_one_engine_and_spread_sessions_evenly(
+    engines: dict[str, list[StandIn]],
+) -> None:
+    with redis_server() as (redis, proc), placing_replicas(engines, redis, shared=True) as gws:
+        answered = spread_sessions(gws)
+        stored, ttl = (redis_cli(redis, word, "session:alpha:s-0") for word in ("get", "ttl"))
+        proc.terminate()
+        proc.wait(timeout=10)
+        # Redis gone: a new session is still placed (by the replica alone) and counted.
+        reply = httpx.post(
+            f"{gws[0].url}/v1/chat/completions",
+            json=chat_body("model-alpha"),
+            headers={**bearer(), "X-Session-Id": "after-redis"},
+        )
+        metrics = httpx.get(f"http://{one_metrics(gws[0])}/metrics").text
+    assert stickiness(answered) == 1.0
+    home = Counter(c.most_common(1)[0][0] for c in answered.values())
+    mean = SESSIONS / len(engines["alpha"])
+    assert max(abs(home[s.name] - mean) for s in engines["alpha"]) <= 0.15 * mean, home
+    # The key of docs/data.md, holding the engine's upstream name, with the schema's TTL.
+    assert stored == "engine-alpha." + answered["s-0"].most_common(1)[0][0].split("-")[1]
+    assert 0 < int(ttl) <= schema_defaults()["session_ttl_seconds"]
+    assert reply.status_code == 200
+    assert 'gateway_placement_fallbacks_total{deployment="alpha",op="claim"} 1' in metrics
+
+
+@needs_redis
+def test_a_move_replaces_only_the_engine_the_mover_saw() -> None:
+    """The sidecar's commands on a real Redis: two replicas that both saw engine .0 fail move
+    the session once; a claim after that gets the moved engine; the TTL is renewed."""
+    with redis_server() as (redis, _):
+        host, port = redis.rsplit(":", 1)
+        placement = Placement(redis=RedisClient(host, int(port), None, None))
+        key, old = "alpha:s-1", "engine-alpha.0"
+        assert placement.decide("claim", key, old, 600) == old
+        assert placement.decide("move", key, "engine-alpha.1", 900, old) == "engine-alpha.1"
+        assert placement.decide("move", key, "engine-alpha.2", 900, old) == "engine-alpha.1"
+        assert placement.decide("claim", key, "engine-alpha.2", 900) == "engine-alpha.1"
+        assert placement.decide("move", "alpha:expired", "engine-alpha.2", 900, old) == (
+            "engine-alpha.2"
+        )
+        assert 600 < int(redis_cli(redis, "ttl", "session:" + key)) <= 900
+
+
+@needs_redis
+def test_without_shared_placement_replicas_split_sessions(
+    engines: dict[str, list[StandIn]],
+) -> None:
+    # The gap this closes: each replica remembers only the sessions it placed itself.
+    assert stickiness(answers_alone(engines)) < 1.0
+
+
+def answers_alone(engines: dict[str, list[StandIn]]) -> dict[str, Counter[str]]:
+    with redis_server() as (redis, _), placing_replicas(engines, redis, shared=False) as gws:
+        return spread_sessions(gws)
+
+
 def one_metrics(gw: Gateway) -> str:
     """The metrics address of a running gateway, from its rendered config."""
     conf = (gw.error_log.parent / "nginx.conf").read_text()
@@ -401,7 +522,7 @@ def test_routing_metrics_count_per_model_class_key_and_decision(
 # ------------------------------------------------------------------------ the OpenAI SDK
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="make debs: redis-server")
+@needs_redis
 def test_the_openai_sdk_sees_one_endpoint_with_every_model_and_openai_errors(
     engines: dict[str, list[StandIn]],
 ) -> None:

@@ -86,7 +86,7 @@ def test_the_stack_files_pass_the_gateway_rules() -> None:
             "greater than 0",
         ),
         (
-            {"api_keys": {"default": ApiKeySettings(requests_per_minute=60)}},
+            {"api_keys": {"default": ApiKeySettings(requests_per_minute=60)}, "quota_image": None},
             "gateway.quotaImage",
             "python",
         ),

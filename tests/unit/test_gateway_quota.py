@@ -11,13 +11,19 @@ import pytest
 
 from components.render.gateway_pod import GatewayPod, build_pod_spec, pod_labels
 from components.render.gateway_quota import (
+    Placement,
     Quota,
     RedisError,
     encode_command,
     parse_limits,
     read_reply,
 )
-from components.render.nginx_conf import KeyPolicy, build_nginx_conf_args, render_routes_js
+from components.render.nginx_conf import (
+    KeyPolicy,
+    NginxConfArgs,
+    build_nginx_conf_args,
+    render_routes_js,
+)
 from stacks.settings import load_stack_file, stack_file
 
 
@@ -94,13 +100,8 @@ def test_limits_on_the_command_line_are_checked() -> None:
         parse_limits(["a=0"])
 
 
-def test_a_key_with_a_quota_adds_the_sidecar_to_the_pod() -> None:
-    settings = load_stack_file(stack_file("staging"))
-    conf = build_nginx_conf_args(settings)
-    conf = replace(
-        conf, keys={"default": KeyPolicy(priority_class="batch", requests_per_minute=90)}
-    )
-    pod = GatewayPod(
+def sidecar_pod(conf: NginxConfArgs) -> GatewayPod:
+    return GatewayPod(
         conf=conf,
         image="nginx:1.28.0",
         exporter_image="exporter",
@@ -108,6 +109,15 @@ def test_a_key_with_a_quota_adds_the_sidecar_to_the_pod() -> None:
         quota_image="python:3.12-slim",
         redis_address="redis.qwen-vl.svc.cluster.local:6379",
     )
+
+
+def test_a_key_with_a_quota_adds_the_sidecar_to_the_pod() -> None:
+    settings = load_stack_file(stack_file("staging"))
+    conf = build_nginx_conf_args(settings)
+    conf = replace(
+        conf, keys={"default": KeyPolicy(priority_class="batch", requests_per_minute=90)}
+    )
+    pod = sidecar_pod(conf)
     sidecar = build_pod_spec(pod, {})["containers"][-1]
     assert sidecar["name"] == "quota"
     assert sidecar["command"][:2] == ["python3", "/etc/nginx/gateway/quota.py"]
@@ -119,3 +129,67 @@ def test_a_key_with_a_quota_adds_the_sidecar_to_the_pod() -> None:
     assert '"quota": true' in render_routes_js(conf)
     with pytest.raises(ValueError, match="quota sidecar needs an image"):
         build_pod_spec(replace(pod, quota_image=None), {})
+
+
+@dataclass
+class FakeSessions:
+    """SET (NX / XX / GET / EX) and GETEX as Redis 7 documents them (docs/reference/redis.md)."""
+
+    values: dict[str, str] = field(default_factory=dict)
+    ttls: dict[str, int] = field(default_factory=dict)
+    down: bool = False
+
+    def call(self, *words: str) -> str | None:
+        if self.down:
+            raise OSError("connection refused")
+        if words[0] == "GETEX":
+            if words[1] in self.values:
+                self.ttls[words[1]] = int(words[3])
+            return self.values.get(words[1])
+        key, value, flags = words[1], words[2], words[3:]
+        old = self.values.get(key)
+        if ("NX" in flags and old is not None) or ("XX" in flags and old is None):
+            return old if "GET" in flags else None
+        self.values[key] = value
+        self.ttls[key] = int(flags[flags.index("EX") + 1])
+        return old if "GET" in flags else "OK"
+
+
+def test_the_first_replica_to_claim_a_session_wins_and_the_other_gets_its_engine() -> None:
+    redis = FakeSessions()
+    a, b = Placement(redis=redis), Placement(redis=redis)  # type: ignore[arg-type]  # a stand-in
+    assert a.decide("claim", "alpha:s-1", "engine-alpha.0", 1800) == "engine-alpha.0"
+    assert b.decide("claim", "alpha:s-1", "engine-alpha.2", 1800) == "engine-alpha.0"
+    assert redis.values == {"session:alpha:s-1": "engine-alpha.0"}
+    assert redis.ttls == {"session:alpha:s-1": 1800}
+
+
+def test_a_touch_renews_or_claims_an_expired_session() -> None:
+    redis = FakeSessions({"session:alpha:s-1": "engine-alpha.1"}, {"session:alpha:s-1": 5})
+    placement = Placement(redis=redis)  # type: ignore[arg-type]  # a stand-in
+    assert placement.decide("touch", "alpha:s-1", "engine-alpha.2", 900) == "engine-alpha.1"
+    assert redis.ttls["session:alpha:s-1"] == 900
+    assert placement.decide("touch", "alpha:gone", "engine-alpha.2", 900) == "engine-alpha.2"
+    assert redis.values["session:alpha:gone"] == "engine-alpha.2"
+
+
+def test_without_redis_placement_answers_none_at_once_for_a_while() -> None:
+    redis, now = FakeSessions(down=True), [100.0]
+    placement = Placement(redis=redis, clock=lambda: now[0])  # type: ignore[arg-type]
+    assert placement.decide("claim", "alpha:s-1", "engine-alpha.0", 1800) is None
+    redis.down = False
+    assert placement.decide("claim", "alpha:s-1", "engine-alpha.0", 1800) is None  # backing off
+    now[0] += 6
+    assert placement.decide("claim", "alpha:s-1", "engine-alpha.0", 1800) == "engine-alpha.0"
+
+
+def test_staging_shares_placements_and_runs_the_sidecar_without_any_quota() -> None:
+    settings = load_stack_file(stack_file("staging"))
+    conf = build_nginx_conf_args(settings)
+    assert conf.shared_placement
+    assert not any(k.requests_per_minute for k in conf.keys.values())
+    pod = sidecar_pod(conf)
+    assert build_pod_spec(pod, {})["containers"][-1]["name"] == "quota"
+    assert '"sharedPlacement": true' in render_routes_js(conf)
+    one = replace(settings, gateway=replace(settings.gateway, replicas=1))
+    assert not build_nginx_conf_args(one).shared_placement

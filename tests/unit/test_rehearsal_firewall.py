@@ -83,15 +83,18 @@ def test_the_gateway_sends_to_the_leaders_http_port_only() -> None:
     assert chains(plan, "gateway-1")["egress"] == [
         f'ip daddr {TIME} udp dport 123 accept comment "node"',
         f'ip daddr {{ {SMALL}, {LEADER} }} tcp dport 8000 accept comment "gateway"',
+        # its sidecar shares session placements through Redis (two replicas in staging)
+        f'ip daddr {SERVICES} tcp dport 6379 accept comment "redis-clients"',
     ]
 
 
 def test_the_services_host_opens_each_pods_own_ports() -> None:
     plan, _, _ = plan_of("staging")
     services = chains(plan, "services")
-    # no Redis client is rehearsed (no web UI, no LMCache engine): 6379 stays closed
+    # the gateways are Redis clients (shared session placement); no web UI, no LMCache engine
     assert services["ingress"] == [
         f'ip saddr {SERVICES} tcp dport 9100 accept comment "node"',
+        f'ip saddr {{ {GW0}, {GW1} }} tcp dport 6379 accept comment "redis"',
         f'ip saddr {SERVICES} tcp dport 9121 accept comment "redis"',
         'tcp dport 9090 accept comment "prometheus: not isolated"',
     ]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from components.render.nginx_conf import build_nginx_conf_args, render_nginx_conf
+from components.render.nginx_conf import build_nginx_conf_args, render_nginx_conf, sidecar_enabled
 from components.render.redis_conf import RedisConf, render_redis_conf
 from components.render.time_sync import render_chrony_conf
 from components.render.vllm_command import WORKER
@@ -79,7 +79,9 @@ def test_nginx_conf_differs_only_in_paths_and_upstream_lines(stack: str) -> None
     leaders = [f"{d.name}-0.{d.name}.{ns}:8000 {health}" for d in settings.serving.deployments]
     # One group rehearsed: the deployment's upstream, and (affinity) its one engine's.
     per_engine = 2 if settings.gateway.load_balancing == "sessionAffinity" else 1
-    assert sorted(servers) == sorted(leaders * per_engine)
+    args = build_nginx_conf_args(settings)
+    sidecar = [f"{args.quota_address};"] if sidecar_enabled(args) else []
+    assert sorted(servers) == sorted(leaders * per_engine + sidecar)
 
 
 def test_more_groups_give_the_gateway_one_upstream_server_per_leader() -> None:

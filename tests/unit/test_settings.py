@@ -190,6 +190,27 @@ CASES: list[tuple[str, str, Callable[[Config], None], str, str]] = [
         "g6e.xlarge has no EFA",
     ),
     (
+        "shared-placement-without-sidecar-image",
+        "staging",
+        deleter("gateway", "quotaImage"),
+        "gateway.quotaImage",
+        "sharedSessionPlacement with 2+ replicas",
+    ),
+    (
+        "shared-placement-ttl-too-short",
+        "staging",
+        setter("gateway", "sessionTtlSeconds", value=30),
+        "gateway.sessionTtlSeconds=30",
+        "half TTL",
+    ),
+    (
+        "shared-placement-without-redis",
+        "staging",
+        setter("redis", "enabled", value=False),
+        "redis.enabled",
+        "share each session's engine through Redis",
+    ),
+    (
         "efa-without-az",
         "staging",
         deleter("gpuNodeGroups", 1, "availabilityZone"),
