@@ -47,25 +47,19 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from components.render.nginx_conf import (
-    API_KEYS_FILE,
     CHAT_PATH,
-    ENGINE_AUTH_FILE,
     FAIL_TIMEOUT_SECONDS,
     HEALTH_PATH,
     MAX_FAILS,
     QUOTA_SOURCE,
-    ROUTER_FILE,
-    ROUTES_FILE,
     Backend,
+    GatewayInclude,
     KeyPolicy,
     NginxConfArgs,
     NginxPaths,
     build_nginx_conf_args,
-    render_api_keys_map,
-    render_engine_auth,
+    gateway_includes,
     render_nginx_conf,
-    render_routes_js,
-    router_source,
 )
 from components.render.vllm_command import build_vllm_command, served_model_name
 from scripts.loadtest import (
@@ -476,18 +470,12 @@ def _write_gateway_files(state: netns.State, args: NginxConfArgs, topo: Topology
         directory.mkdir(parents=True, exist_ok=True)
     chown_to(run_dir, NGINX_USER)
     keys = {"bench": topo.client_key, **topo.keys}
-    files = {
-        conf_dir / "nginx.conf": render_nginx_conf(args),
-        conf_dir / ROUTER_FILE: router_source(),
-        conf_dir / ROUTES_FILE: render_routes_js(args),
-        secrets_dir / API_KEYS_FILE: render_api_keys_map(keys),
-        secrets_dir / ENGINE_AUTH_FILE: render_engine_auth(topo.engine_key),
-    }
-    for path, text in files.items():
-        state.record_file(path)
-        path.write_text(text, encoding="utf-8")
-        path.chmod(0o440 if path.parent == secrets_dir else 0o644)
-        chown_to(path, NGINX_USER)
+    conf = GatewayInclude(conf_dir / "nginx.conf", render_nginx_conf(args), secret=False)
+    for file in [conf, *gateway_includes(args, keys, topo.engine_key)]:
+        state.record_file(file.path)
+        file.path.write_text(file.text, encoding="utf-8")
+        file.path.chmod(0o440 if file.secret else 0o644)
+        chown_to(file.path, NGINX_USER)
     state.record_file(Path(paths.access_log))
     return conf_dir / "nginx.conf"
 

@@ -380,6 +380,28 @@ def render_engine_auth(engine_key: str) -> str:
     return f'proxy_set_header Authorization "Bearer {_checked_key(engine_key)}";\n'
 
 
+@dataclass(frozen=True)
+class GatewayInclude:
+    """A file nginx.conf loads, where `args.paths` puts it; `secret`: from the gateway Secret."""
+
+    path: Path
+    text: str
+    secret: bool
+
+
+def gateway_includes(
+    args: NginxConfArgs, client_keys: Mapping[str, str], engine_key: str
+) -> list[GatewayInclude]:
+    """Every file the rendered nginx.conf loads besides itself, for a gateway run outside a pod."""
+    secrets, conf = Path(args.paths.secrets_dir), Path(args.paths.conf_dir)
+    return [
+        GatewayInclude(conf / ROUTER_FILE, router_source(), secret=False),
+        GatewayInclude(conf / ROUTES_FILE, render_routes_js(args), secret=False),
+        GatewayInclude(secrets / API_KEYS_FILE, render_api_keys_map(client_keys), secret=True),
+        GatewayInclude(secrets / ENGINE_AUTH_FILE, render_engine_auth(engine_key), secret=True),
+    ]
+
+
 def render_resolver_conf(nameserver: str, port: int | None = None) -> str:
     """The runtime include of cluster mode: the pod writes it at start from the first
     nameserver of its /etc/resolv.conf (kube-dns), whose address no config can know."""

@@ -34,19 +34,12 @@ from pathlib import Path
 from typing import Any, Final
 
 from components.render.nginx_conf import (
-    API_KEYS_FILE,
     CONF_FILE,
-    ENGINE_AUTH_FILE,
     HEALTH_PATH,
-    ROUTER_FILE,
-    ROUTES_FILE,
     NginxPaths,
     build_nginx_conf_args,
-    render_api_keys_map,
-    render_engine_auth,
+    gateway_includes,
     render_nginx_conf,
-    render_routes_js,
-    router_source,
 )
 from components.render.vision_flags import CONNECTOR_MODULE
 from components.render.vision_tier import build_connector_configmap, encoder_command
@@ -250,13 +243,9 @@ def _start_gateway(settings: Settings, topo: Topology, with_encoder: bool) -> No
     )
     for directory in (paths.secrets_dir, paths.runtime_dir):
         Path(directory).mkdir(parents=True, exist_ok=True)
-    Path(paths.secrets_dir, API_KEYS_FILE).write_text(
-        render_api_keys_map({CLIENT_KEY_ID: topo.client_key})
-    )
-    Path(paths.secrets_dir, ENGINE_AUTH_FILE).write_text(render_engine_auth(topo.engine_key))
     Path(paths.runtime_dir, CONF_FILE).write_text(render_nginx_conf(args))
-    Path(paths.conf_dir, ROUTER_FILE).write_text(router_source())
-    Path(paths.conf_dir, ROUTES_FILE).write_text(render_routes_js(args))
+    for file in gateway_includes(args, {CLIENT_KEY_ID: topo.client_key}, topo.engine_key):
+        file.path.write_text(file.text)
     shutil.chown(root, "nobody")
     for path in root.rglob("*"):
         shutil.chown(path, "nobody")

@@ -29,21 +29,14 @@ from components.render.gateway_pod import (
 )
 from components.render.network_policies import build_network_policies
 from components.render.nginx_conf import (
-    API_KEYS_FILE,
     CONF_DIR,
     CONF_FILE,
-    ENGINE_AUTH_FILE,
     HEALTH_PATH,
-    ROUTER_FILE,
-    ROUTES_FILE,
     NginxConfArgs,
     NginxPaths,
     build_nginx_conf_args,
-    render_api_keys_map,
-    render_engine_auth,
+    gateway_includes,
     render_nginx_conf,
-    render_routes_js,
-    router_source,
 )
 from components.render.redis_conf import (
     EXPORTER_PASSWORD_ENTRY,
@@ -756,29 +749,17 @@ def rehearsal_nginx_conf_args(
 def _gateway_files(ctx: _Context) -> list[FileSpec]:
     files: list[FileSpec] = []
     for host in ctx.of_kind("gateway"):
-        paths = gateway_paths(ctx.options.layout, host.role)
         args = rehearsal_nginx_conf_args(
             ctx.settings, ctx.options.layout, host.role, ctx.options.max_groups
         )
-        secrets_dir = Path(paths.secrets_dir)
-        conf_dir = Path(paths.conf_dir)
+        includes = gateway_includes(args, ctx.secrets.client_api_keys, ctx.secrets.engine_api_key)
+        files.append(
+            FileSpec(gateway_conf_path(ctx.options.layout, host.role), render_nginx_conf(args))
+        )
+        # The pod mounts the Secret with mode 0440, readable by nginx's group only.
         files += [
-            FileSpec(gateway_conf_path(ctx.options.layout, host.role), render_nginx_conf(args)),
-            FileSpec(conf_dir / ROUTER_FILE, router_source()),
-            FileSpec(conf_dir / ROUTES_FILE, render_routes_js(args)),
-            # The pod mounts the Secret with mode 0440, readable by nginx's group only.
-            FileSpec(
-                secrets_dir / API_KEYS_FILE,
-                render_api_keys_map(ctx.secrets.client_api_keys),
-                0o440,
-                NGINX_USER,
-            ),
-            FileSpec(
-                secrets_dir / ENGINE_AUTH_FILE,
-                render_engine_auth(ctx.secrets.engine_api_key),
-                0o440,
-                NGINX_USER,
-            ),
+            FileSpec(f.path, f.text, 0o440, NGINX_USER) if f.secret else FileSpec(f.path, f.text)
+            for f in includes
         ]
     return files
 

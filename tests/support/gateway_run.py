@@ -23,21 +23,14 @@ from urllib.parse import urlsplit
 import httpx
 
 from components.render.nginx_conf import (
-    API_KEYS_FILE,
     CONF_FILE,
-    ENGINE_AUTH_FILE,
     HEALTH_PATH,
     QUOTA_SOURCE,
-    ROUTER_FILE,
-    ROUTES_FILE,
     Backend,
     NginxConfArgs,
     NginxPaths,
-    render_api_keys_map,
-    render_engine_auth,
+    gateway_includes,
     render_nginx_conf,
-    render_routes_js,
-    router_source,
 )
 from stacks.schema import GatewaySettings, RateLimitSettings, default_of
 from tests.support.local import free_port
@@ -246,15 +239,11 @@ def write_gateway_files(root: Path, args: NginxConfArgs, conf_text: str | None =
     p = args.paths
     for directory in (p.secrets_dir, p.runtime_dir):
         (root / directory.lstrip("/")).mkdir(parents=True, exist_ok=True)
-    secrets = root / p.secrets_dir.lstrip("/")
-    (secrets / API_KEYS_FILE).write_text(render_api_keys_map(CLIENT_KEYS))
-    (secrets / ENGINE_AUTH_FILE).write_text(render_engine_auth(ENGINE_KEY))
+    (root / p.conf_dir.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    for file in gateway_includes(args, CLIENT_KEYS, ENGINE_KEY):
+        (root / str(file.path).lstrip("/")).write_text(file.text)
     conf = root / p.runtime_dir.lstrip("/") / CONF_FILE
     conf.write_text(conf_text if conf_text is not None else render_nginx_conf(args))
-    js_dir = root / p.conf_dir.lstrip("/")
-    js_dir.mkdir(parents=True, exist_ok=True)
-    (js_dir / ROUTER_FILE).write_text(router_source())
-    (js_dir / ROUTES_FILE).write_text(render_routes_js(args))
     return conf
 
 
