@@ -208,10 +208,11 @@ def remove_leftover_shm(before: frozenset[str] = frozenset()) -> list[str]:
     candidates = set(_shm_files()) - before
     held = _shm_in_use()
     removed = []
-    for name in sorted(candidates - held):
+    for name in sorted(candidates):
         with contextlib.suppress(FileNotFoundError):
-            (SHM_DIR / name).unlink()
-            removed.append(name)
+            if (SHM_DIR / name).stat().st_ino not in held:
+                (SHM_DIR / name).unlink()
+                removed.append(name)
     return removed
 
 
@@ -257,18 +258,23 @@ def _shm_files() -> list[str]:
         return []
 
 
-def _shm_in_use() -> set[str]:
-    """shm names any live process has open or mapped (others' engines keep theirs)."""
-    held: set[str] = set()
+def _shm_in_use() -> set[int]:
+    """Inodes of the shm files any live process has open or mapped (others' engines keep theirs).
+
+    By inode, not name: sem_open creates a semaphore under a temporary name, maps it and only
+    then links it to its real name, so its creator's mapping never shows the name that the
+    creator's spawned children will open.
+    """
+    held: set[int] = set()
     for proc in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError):
             for fd in (proc / "fd").iterdir():
                 with contextlib.suppress(OSError):
-                    target = str(fd.readlink())
-                    if target.startswith("/dev/shm/"):
-                        held.add(Path(target.split(" ")[0]).name)
+                    if str(fd.readlink()).startswith("/dev/shm/"):
+                        held.add(fd.stat().st_ino)
         with contextlib.suppress(OSError):
             for line in (proc / "maps").read_text().splitlines():
-                if "/dev/shm/" in line:
-                    held.add(Path(line.split("/dev/shm/", 1)[1].split(" ")[0]).name)
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].startswith("/dev/shm/"):  # noqa: PLR2004
+                    held.add(int(fields[4]))
     return held

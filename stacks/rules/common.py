@@ -68,6 +68,8 @@ def images(s: Settings) -> list[tuple[str, str]]:
         ("gateway.image", s.gateway.image),
         ("gateway.exporterImage", s.gateway.exporter_image),
     ]
+    if s.gateway.quota_image:  # required whenever the sidecar runs (stacks/rules/gateway.py)
+        found.append(("gateway.quotaImage", s.gateway.quota_image))
     if s.redis.enabled:
         found += [("redis.image", s.redis.image), ("redis.exporterImage", s.redis.exporter_image)]
     if s.webui.enabled:

@@ -65,7 +65,6 @@ COMMON: list[Row] = [
     (TENANT, GW, 9113, "TCP", False),
     # Redis: declared clients only; exporter from Prometheus
     (APP, REDIS, 6379, "TCP", True),
-    (GW, REDIS, 6379, "TCP", False),
     (OTHER, REDIS, 6379, "TCP", False),
     (TENANT, REDIS, 6379, "TCP", False),
     (eng(SMALL, 0), REDIS, 6379, "TCP", False),  # no kvOffloadRedis in any stack
@@ -140,6 +139,7 @@ EXPECTED: dict[str, list[Row]] = {
         *WEBUI_ROWS,
         ("10.20.3.4", WEBUI, 8080, "TCP", True),  # a node of the VPC (NLB via NodePort)
         (GW, eng(SMALL, 1), 8000, "TCP", True),  # beyond max: single-node groups need no rule
+        (GW, REDIS, 6379, "TCP", False),  # one replica, no quotas: no sidecar
     ],
     "staging": [
         *COMMON,
@@ -149,6 +149,7 @@ EXPECTED: dict[str, list[Row]] = {
         ("10.20.3.4", WEBUI, 8080, "TCP", False),  # dev's VPC
         (eng(SMALL, 0), eng(SMALL, 1), 8000, "TCP", False),  # replicas do not talk
         (GW, eng(SMALL, 2), 8000, "TCP", True),
+        (GW, REDIS, 6379, "TCP", True),  # its sidecar shares session placement (2 replicas)
         *VISION_ROWS,
     ],
     "prod": [
@@ -157,6 +158,7 @@ EXPECTED: dict[str, list[Row]] = {
         (GW, eng(SMALL, 7), 8000, "TCP", True),  # KEDA's 8th group
         (eng(SMALL, 7), eng(SMALL, 0), 8000, "TCP", False),
         (APP, f"{NS}/webui-0", 8080, "TCP", False),  # no web UI in prod
+        (GW, REDIS, 6379, "TCP", True),  # its sidecar shares session placement (2+ replicas)
     ],
 }
 

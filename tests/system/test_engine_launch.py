@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 from pathlib import Path
 
@@ -20,7 +21,7 @@ def test_a_semaphore_created_during_the_holder_scan_is_not_removed(
     newcomer = launch.SHM_DIR / f"sem.mp-qwen-test-{os.getpid()}"
     real_scan = launch._shm_in_use
 
-    def scan_while_another_engine_starts() -> set[str]:
+    def scan_while_another_engine_starts() -> set[int]:
         held = real_scan()
         newcomer.write_bytes(b"\0" * 32)
         return held
@@ -33,3 +34,15 @@ def test_a_semaphore_created_during_the_holder_scan_is_not_removed(
     finally:
         with contextlib.suppress(FileNotFoundError):
             newcomer.unlink()
+
+
+def test_a_semaphore_held_only_by_its_creator_is_not_removed() -> None:
+    # What vLLM's EngineCore does before it spawns a worker: sem_open maps the semaphore under a
+    # temporary name and links it to its real name after, so a scan by name missed the creator
+    # and unlinked the semaphore the worker was about to open.
+    lock = multiprocessing.get_context("spawn").Lock()
+    name = "sem." + lock._semlock.name.lstrip("/")  # pyright: ignore[reportAttributeAccessIssue]
+    assert (launch.SHM_DIR / name).exists()
+    removed = launch.remove_leftover_shm(frozenset(launch.shm_files()) - {name})
+    assert name not in removed
+    assert (launch.SHM_DIR / name).exists()

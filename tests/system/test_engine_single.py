@@ -26,7 +26,7 @@ from components.render.vllm_command import spec_for
 from components.render.vllm_pods import GROUP_READY_SCRIPT, build_lws
 from tests.support.dashboards import STACKS, settings_of
 from tests.support.engines import pod_templates
-from tests.support.metric_names import exposed_names, metric_names
+from tests.support.metric_names import exposed_names, metric_names, reference_names
 from tests.support.scrape_config import rehearsal_targets
 from tests.support.vllm_engine import (
     Pod,
@@ -183,6 +183,9 @@ def test_every_vllm_metric_name_in_use_exists_on_the_real_engine(
         "vllm:num_requests_waiting",
         "vllm:iteration_tokens_total_count",
     }
+    # The vision tier's connector adds its own names only where it is loaded: test_vision_tier.py
+    # reads them from real engines that load it.
+    exposed |= reference_names("vision_metrics.txt")
     missing = {source: sorted(names - exposed) for source, names in used.items() if names - exposed}
     assert missing == {}, f"not on the real engine's /metrics: {missing}"
 

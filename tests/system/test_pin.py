@@ -32,7 +32,7 @@ from scripts.pin.stackfile import ROOT
 from tests.support import registry as rf
 from tests.support.pin import PROD, PROD_IMAGE_KEYS, ZEROS
 
-CLI_TIMEOUT = 120  # seconds; one CLI run resolves six images on loopback in well under 1 s
+CLI_TIMEOUT = 120  # seconds; one CLI run resolves seven images on loopback in well under 1 s
 MIN_PROD_COMMENTS = 10  # Pulumi.prod.yaml has ~15 comment lines
 
 needs_registry = pytest.mark.skipif(
@@ -60,7 +60,7 @@ def assert_no_traceback(done: subprocess.CompletedProcess[str]) -> None:
 
 @dataclass(frozen=True)
 class LocalStack:
-    """A copy of Pulumi.prod.yaml whose six images live in the local registry."""
+    """A copy of Pulumi.prod.yaml whose seven images live in the local registry."""
 
     path: Path
     registry: rf.Registry
@@ -141,7 +141,7 @@ def test_pin_writes_the_registry_digest_of_every_image(stack: LocalStack) -> Non
     for key, ref in stack.refs.items():
         assert stack.values()[key] == f"{ref}@{rf.registry_digest(ref)}", key
         assert key in done.stdout
-    assert "6 of 6 image(s) changed" in done.stdout
+    assert "7 of 7 image(s) changed" in done.stdout
 
 
 @needs_registry
@@ -179,7 +179,7 @@ def test_pin_is_atomic_and_idempotent(stack: LocalStack) -> None:
     pinned = stack.path.stat()
     again = stack.cli()
     assert again.returncode == 0
-    assert "0 of 6 image(s) changed" in again.stdout
+    assert "0 of 7 image(s) changed" in again.stdout
     assert stack.path.stat().st_ino == pinned.st_ino  # nothing to change: not rewritten
     assert stack.path.stat().st_mtime_ns == pinned.st_mtime_ns
 
@@ -219,7 +219,7 @@ def test_verify_passes_after_pinning(stack: LocalStack) -> None:
     pinned = stack.path.read_text()
     done = stack.cli("--verify")
     assert done.returncode == 0, done.stderr
-    assert "all 6 image pin(s) match" in done.stdout
+    assert "all 7 image pin(s) match" in done.stdout
     assert stack.path.read_text() == pinned
 
 
@@ -244,7 +244,7 @@ def test_verify_reports_every_placeholder_naming_the_tool(stack: LocalStack) -> 
     done = stack.cli("--verify")
     assert done.returncode == 1
     assert_no_traceback(done)
-    assert "6 image problem(s)" in done.stderr
+    assert "7 image problem(s)" in done.stderr
     for key in PROD_IMAGE_KEYS:
         assert re.search(
             rf"- {re.escape(key)}: .*placeholder digest.*python -m scripts\.pin", done.stderr

@@ -40,6 +40,7 @@ from scripts.rehearsal.epd import (
 from scripts.rehearsal.real_engine import RealEngine
 from stacks.settings import load_stack_file
 from tests.support.gateway_run import SID_NGINX_READY
+from tests.support.metric_names import reference_names
 from tests.support.rehearsal_run import ROOT
 
 pytestmark = pytest.mark.skipif(
@@ -82,6 +83,8 @@ def test_a_repeated_image_is_encoded_once_and_served_by_both_replicas(topo: Topo
         if all(lookups(topo, c, "loaded") >= 1 for c in CONSUMERS):
             break
     assert lookups(topo, ENCODER, "encoded") == 1
+    # The connector's names the dashboards and alerts may use: this counter is all of them.
+    assert reference_names("vision_metrics.txt") == {LOOKUPS}
     assert len(cache_files(topo) - before) == 1
     for consumer in CONSUMERS:
         assert lookups(topo, consumer, "loaded") >= 1, f"{consumer} never loaded the file"

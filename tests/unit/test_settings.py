@@ -538,5 +538,6 @@ def test_check_fails_prod_on_placeholders_naming_the_pin_tool(
     captured = capsys.readouterr()
     assert "not deployable" in captured.out
     placeholder_lines = [line for line in captured.err.splitlines() if "placeholder digest" in line]
-    assert len(placeholder_lines) == 5  # vllm, gateway + exporter, redis + exporter (webui off)
+    # vllm, gateway + exporter + quota sidecar, redis + exporter (webui off)
+    assert len(placeholder_lines) == 6
     assert all("python -m scripts.pin --stack prod" in line for line in placeholder_lines)
