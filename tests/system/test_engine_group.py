@@ -72,7 +72,7 @@ class Group:
         return argv[argv.index("--served-model-name") + 1]
 
     def start_worker_and_wait_ready(self) -> float:
-        code, took, out = run_precheck(self.worker)
+        code, took, out = run_precheck(self.worker, self.leader)
         print(f"pre-check passed in {took:.0f} s: {out}")
         assert code == 0, out
         self.worker.start()
@@ -98,20 +98,32 @@ class Group:
         return post(self.leader.ports.http, "/v1/completions", json.dumps(body).encode(), 180)
 
 
-def run_precheck(worker: Pod) -> tuple[int, float, str]:
-    """Run a worker pod's rendered rendezvous pre-check; (exit code, seconds, output)."""
+def _exited(pod: Pod) -> bool:
+    return pod.engine is not None and pod.engine.proc.poll() is not None
+
+
+def run_precheck(worker: Pod, leader: Pod | None = None) -> tuple[int, float, str]:
+    """Run a worker pod's rendered rendezvous pre-check; (exit code, seconds, output).
+
+    With `leader`, a leader that dies meanwhile fails the run at once (with its log) instead of
+    after the pre-check's whole bound (600 s by default).
+    """
     command = init_command(worker.template, worker, RENDEZVOUS_CHECK_NAME)
     bound = float(command[command.index("--timeout-seconds") + 1])
     start = time.monotonic()
-    done = subprocess.run(
-        command,
-        env=worker.env,
-        capture_output=True,
-        text=True,
-        timeout=bound + 60,
-        check=False,
+    check = subprocess.Popen(
+        command, env=worker.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    return done.returncode, time.monotonic() - start, (done.stdout + done.stderr).strip()
+    try:
+        while check.poll() is None and time.monotonic() - start < bound + 60:
+            if leader is not None and _exited(leader):
+                raise AssertionError("the leader exited during the pre-check:\n" + leader.log())
+            time.sleep(0.5)
+    finally:
+        if check.poll() is None:
+            check.kill()
+        out, _ = check.communicate(timeout=10)
+    return check.returncode, time.monotonic() - start, out.strip()
 
 
 def make_group(workdir: Path, **changes: Any) -> Group:
