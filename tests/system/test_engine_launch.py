@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import _multiprocessing  # pyright: ignore[reportMissingImports]
 import contextlib
-import multiprocessing
 import os
 from pathlib import Path
 
@@ -39,10 +39,16 @@ def test_a_semaphore_created_during_the_holder_scan_is_not_removed(
 def test_a_semaphore_held_only_by_its_creator_is_not_removed() -> None:
     # What vLLM's EngineCore does before it spawns a worker: sem_open maps the semaphore under a
     # temporary name and links it to its real name after, so a scan by name missed the creator
-    # and unlinked the semaphore the worker was about to open.
-    lock = multiprocessing.get_context("spawn").Lock()
-    name = "sem." + lock._semlock.name.lstrip("/")  # pyright: ignore[reportAttributeAccessIssue]
-    assert (launch.SHM_DIR / name).exists()
-    removed = launch.remove_leftover_shm(frozenset(launch.shm_files()) - {name})
-    assert name not in removed
-    assert (launch.SHM_DIR / name).exists()
+    # and unlinked the semaphore the worker was about to open. (The C type directly: the
+    # multiprocessing wrapper would start a resource tracker that outlives the test.)
+    name = f"/mp-qwen-test-{os.getpid()}"
+    semaphore = _multiprocessing.SemLock(1, 1, 1, name, False)
+    file = "sem." + name.lstrip("/")
+    try:
+        removed = launch.remove_leftover_shm(frozenset(launch.shm_files()) - {file})
+        assert file not in removed
+        assert (launch.SHM_DIR / file).exists()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            _multiprocessing.sem_unlink(name)
+        del semaphore
