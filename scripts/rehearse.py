@@ -76,15 +76,17 @@ def parser() -> argparse.ArgumentParser:
         "  rehearse.py --stack staging --detach # returns once up; stop with `rehearse.py down`\n"
         "  rehearse.py status\n"
         "  rehearse.py down                     # also after a crash (from the state file)\n"
-        "  rehearse.py substitutions            # what differs from the cluster\n",
+        "  rehearse.py substitutions            # what differs from the cluster\n"
+        "  rehearse.py firewall --stack staging # the nftables rules each namespace gets\n",
     )
     p.add_argument(
         "command",
         nargs="?",
         default="up",
-        choices=("up", "down", "status", "substitutions"),
+        choices=("up", "down", "status", "substitutions", "firewall"),
         help="up (default): bring a stack up; down: tear it down; status: show it; "
-        "substitutions: print the cluster/rehearsal differences",
+        "substitutions: print the cluster/rehearsal differences; firewall: print the "
+        "nftables rules `up` would load into each namespace (the stack's NetworkPolicies)",
     )
     p.add_argument(
         "--stack",
@@ -171,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "substitutions":
             sys.stdout.write(substitution_table())
             return 0
+        if args.command == "firewall":
+            return print_firewall(args, layout)
         runner.require_root()  # the state, secrets and processes are root's
         if args.command == "down":
             return down(layout)
@@ -200,13 +204,30 @@ def run_id(settings: Settings, given: str | None) -> str:
 
 
 def up(args: argparse.Namespace, layout: Layout) -> int:
-    path = stack_path(args.stack)
-    settings = load_settings(path)
     if layout.state_file.exists():
         raise PlanError(
             f"a rehearsal is already running from {layout.state_dir} "
             "(`rehearse.py status` shows it; `make rehearse-down` stops it)"
         )
+    secrets_, real, plan = _plan(args, layout)
+    runner.preflight(layout.state_dir)
+    if args.engine == "real" and real.missing():
+        raise PlanError(
+            f"the real engine is not installed: missing {', '.join(real.missing())} "
+            "(run `make engine`, or rehearse with --engine standin)"
+        )
+    runner.check_namespaces_free(plan)
+    # Logs of an earlier failed run (kept for reading) would be appended to.
+    shutil.rmtree(netns.log_dir(netns.State(layout.state_file)), ignore_errors=True)
+    if args.detach:
+        return _detach(lambda out: _run(plan, secrets_, layout, args, out))
+    return _run(plan, secrets_, layout, args, sys.stdout)
+
+
+def _plan(args: argparse.Namespace, layout: Layout) -> tuple[RunSecrets, RealEngine, RehearsalPlan]:
+    """The rehearsal `args` ask for, planned: nothing started, nothing written."""
+    path = stack_path(args.stack)
+    settings = load_settings(path)
     corruptions = tuple(Corruption.parse(c) for c in args.corrupt)
     secrets_ = generate_secrets(settings)
     real = RealEngine(
@@ -226,19 +247,18 @@ def up(args: argparse.Namespace, layout: Layout) -> int:
         engine_timeout=args.engine_timeout,
         firewall=args.firewall,
     )
-    plan = plan_rehearsal(settings, secrets_, options)
-    runner.preflight(layout.state_dir)
-    if args.engine == "real" and real.missing():
-        raise PlanError(
-            f"the real engine is not installed: missing {', '.join(real.missing())} "
-            "(run `make engine`, or rehearse with --engine standin)"
-        )
-    runner.check_namespaces_free(plan)
-    # Logs of an earlier failed run (kept for reading) would be appended to.
-    shutil.rmtree(netns.log_dir(netns.State(layout.state_file)), ignore_errors=True)
-    if args.detach:
-        return _detach(lambda out: _run(plan, secrets_, layout, args, out))
-    return _run(plan, secrets_, layout, args, sys.stdout)
+    return secrets_, real, plan_rehearsal(settings, secrets_, options)
+
+
+def print_firewall(args: argparse.Namespace, layout: Layout) -> int:
+    """Each namespace's nft script, as `up` writes and loads it (needs no root, starts nothing)."""
+    plan = _plan(args, layout)[2]
+    if not plan.firewall:
+        raise PlanError("--no-firewall: no rules to print")
+    texts = {spec.path: spec.text for spec in plan.files}
+    for host, path in plan.firewall:
+        sys.stdout.write(f"# ---- host {host} ({path.name})\n{texts[path]}")
+    return 0
 
 
 def _run(

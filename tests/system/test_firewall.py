@@ -131,3 +131,31 @@ def test_the_kernel_enforces_the_rendered_policies(
         ("gateway", "worker", VLLM_PORT): False,
         ("stranger", "leader", MASTER_PORT): False,
     }
+
+
+@pytest.mark.netns
+@needs_root_ip_nft
+def test_the_printed_rules_are_what_nft_accepts_for_every_pod_host(
+    net: tuple[netns.State, netns.Network],
+) -> None:
+    """`python -m scripts.rehearse firewall` (the README's command) prints a script per pod host;
+    the real `nft`, in check mode inside a namespace of this test, accepts each one."""
+    _, network = net
+    printed = subprocess.run(
+        [sys.executable, "-m", "scripts.rehearse", "firewall", "--stack", STACK],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert printed.returncode == 0, printed.stderr
+    _, *parts = printed.stdout.split("# ---- host ")
+    scripts = {part.split(" ", 1)[0]: part.split("\n", 1)[1] for part in parts}
+    # staging with one group per deployment: the time server and the client stand outside
+    assert sorted(scripts) == sorted(
+        ["gateway-0", "gateway-1", "services", "qwen3-vl-2b-0", "qwen3-vl-32b-0",
+         "qwen3-vl-32b-0-1"]
+    )  # fmt: skip
+    for host, script in scripts.items():
+        checked = subprocess.run(
+            ["ip", "netns", "exec", network.hosts[0].netns, "nft", "-c", "-f", "-"],
+            input=script, capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert checked.returncode == 0, f"{host}: {checked.stderr}"
