@@ -75,8 +75,9 @@ def _cache(
             node_security_group_id=platform.node_security_group_id,
             oidc=OidcIssuer(platform.oidc_provider_arn, platform.oidc_issuer_url),
             namespace=platform.namespace,
-            # one file system for the stack: the first deployment's throughput mode, the sum of
-            # the bounds (each deployment's expiry job keeps its own directory under its bound)
+            # one file system for the stack: the throughput mode every tier agrees on
+            # (stacks/rules/vision.py), the sum of the bounds (each deployment's expiry job
+            # keeps its own directory under its bound)
             throughput_mode=deployments[0].vision.cache.throughput_mode,
             max_size_gib=sum(d.vision.cache.max_size_gib for d in deployments),
             tags=stack_tags(settings),

@@ -647,9 +647,6 @@ _UNAUTHORIZED = _error_body(
     "invalid_request_error",
     "invalid_api_key",
 )
-_RATE_LIMITED = _error_body(
-    "Rate limit reached for this API key; slow down and retry.", "requests", "rate_limit_exceeded"
-)
 _NOT_FOUND = _error_body(
     "Unknown path. This gateway serves the OpenAI API at /v1/... (default model) and "
     "/<deployment>/v1/... (one model).",

@@ -40,6 +40,13 @@ def positive(path: str, value: float) -> Iterator[Problem]:
         yield Problem(path, "must be greater than 0", value)
 
 
+def within(path: str, value: float, bounds: tuple[float, float], why: str) -> Iterator[Problem]:
+    """`why` follows the bounds in the message: what goes wrong outside them."""
+    lo, hi = bounds
+    if not lo <= value <= hi:
+        yield Problem(path, f"must lie between {lo} and {hi}{why}", value)
+
+
 def sizes(path: str, lo: int, want: int, hi: int) -> Iterator[Problem]:
     if not lo <= want <= hi:
         yield Problem(

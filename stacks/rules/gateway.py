@@ -11,7 +11,7 @@ from stacks.naming import (
     RESERVED_ROUTE_NAMES,
 )
 from stacks.parse import Problem
-from stacks.rules.common import deployment_path, positive, unique
+from stacks.rules.common import deployment_path, positive, unique, within
 from stacks.rules.vision import max_image_pixels
 from stacks.schema import DeploymentSettings, Settings
 from stacks.versions import NGINX_RESOLVE_MIN_VERSION
@@ -47,23 +47,20 @@ def gateway_rules(s: Settings) -> Iterator[Problem]:
             g.replicas,
         )
     yield from _nginx_image_problems(g.image)
-    lo, hi = GATEWAY_BODY_MIB_RANGE
-    if not lo <= g.client_max_body_size_mib <= hi:
-        yield Problem(
-            "gateway.clientMaxBodySizeMib",
-            f"must lie between {lo} and {hi}: below {lo} MiB image requests get 413, "
-            "above it bodies only cost scratch space on the pod's volume",
-            g.client_max_body_size_mib,
-        )
-    lo, hi = GATEWAY_READ_TIMEOUT_RANGE
-    if not lo <= g.read_timeout_seconds <= hi:
-        yield Problem(
-            "gateway.readTimeoutSeconds",
-            f"must lie between {lo} and {hi}: below "
-            f"{lo} s long prefills get 504s; the pod also waits this long for "
-            "streams to end when it stops",
-            g.read_timeout_seconds,
-        )
+    yield from within(
+        "gateway.clientMaxBodySizeMib",
+        g.client_max_body_size_mib,
+        GATEWAY_BODY_MIB_RANGE,
+        f": below {MIN_BODY_MIB} MiB image requests get 413, above it bodies only cost scratch "
+        "space on the pod's volume",
+    )
+    yield from within(
+        "gateway.readTimeoutSeconds",
+        g.read_timeout_seconds,
+        GATEWAY_READ_TIMEOUT_RANGE,
+        f": below {GATEWAY_READ_TIMEOUT_RANGE[0]} s long prefills get 504s; the pod also waits "
+        "this long for streams to end when it stops",
+    )
     if not HEADER_NAME.match(g.affinity_header):
         yield Problem(
             "gateway.affinityHeader",
@@ -119,16 +116,15 @@ def _routing_problems(s: Settings) -> Iterator[Problem]:
                 f"{', '.join(deployments)}; the gateway routes by model name, so each name "
                 "needs exactly one deployment",
             )
-    lo, hi = PRIORITY_RANGE
     for name, value in g.priority_classes.items():
         if not KEY_ID.match(name):
             yield Problem(f"gateway.priorityClasses.{name}", "class names are DNS labels", name)
-        if not lo <= value <= hi:
-            yield Problem(
-                f"gateway.priorityClasses.{name}",
-                f"must lie between {lo} and {hi} (vLLM serves lower values first)",
-                value,
-            )
+        yield from within(
+            f"gateway.priorityClasses.{name}",
+            value,
+            PRIORITY_RANGE,
+            " (vLLM serves lower values first)",
+        )
     if g.default_priority_class not in g.priority_classes:
         yield Problem(
             "gateway.defaultPriorityClass",
@@ -137,14 +133,13 @@ def _routing_problems(s: Settings) -> Iterator[Problem]:
         )
     yield from positive("gateway.sessionTtlSeconds", g.session_ttl_seconds)
     yield from _shared_placement_problems(s)
-    lo_bound, hi_bound = AFFINITY_LOAD_BOUND_RANGE
-    if not lo_bound <= g.affinity_load_bound <= hi_bound:
-        yield Problem(
-            "gateway.affinityLoadBound",
-            f"must lie between {lo_bound} and {hi_bound}: near 1 sessions move at every "
-            "burst (prefix cache lost), above it a hot engine keeps its sessions",
-            g.affinity_load_bound,
-        )
+    yield from within(
+        "gateway.affinityLoadBound",
+        g.affinity_load_bound,
+        AFFINITY_LOAD_BOUND_RANGE,
+        ": near 1 sessions move at every burst (prefix cache lost), above it a hot engine keeps "
+        "its sessions",
+    )
 
 
 def _shared_placement_problems(s: Settings) -> Iterator[Problem]:

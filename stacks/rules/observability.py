@@ -87,7 +87,12 @@ def observability_rules(s: Settings) -> Iterator[Problem]:
     )
 
 
-_FRACTIONS = ("kv_cache_usage", "gateway_5xx_ratio", "redis_memory_ratio")
+_FRACTIONS = (
+    "kv_cache_usage",
+    "gateway_5xx_ratio",
+    "redis_memory_ratio",
+    "vision_local_fallback_ratio",
+)
 
 
 _POSITIVE = (

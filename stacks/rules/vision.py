@@ -19,13 +19,28 @@ from stacks.vision_plan import (
 )
 
 _CRON_FIELD = re.compile(r"^[0-9*/,-]+$")
-_CRON_FIELDS = 5
+# The API server refuses a CronJob whose schedule leaves these ranges; a step (after /) is not
+# bounded by them (docs/reference/vision-tier.md#cronjob-schedule).
+_CRON_RANGES = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12),
+                ("day of week", 0, 6))  # fmt: skip
+_CRON_VALUE = re.compile(r"(?<![/0-9])[0-9]+")
 
 
 def vision_rules(s: Settings) -> Iterator[Problem]:
-    for d in s.serving.deployments:
-        if d.vision.mode == "disaggregated":
-            yield from _deployment_vision_rules(s, f"{deployment_path(s, d)}.vision", d)
+    tiers = [d for d in s.serving.deployments if d.vision.mode == "disaggregated"]
+    for d in tiers:
+        yield from _deployment_vision_rules(s, f"{deployment_path(s, d)}.vision", d)
+    # One EFS file system serves every tier of the stack (program/vision.py), with one mode.
+    for d in tiers[1:]:
+        if d.vision.cache.throughput_mode != tiers[0].vision.cache.throughput_mode:
+            first = deployment_path(s, tiers[0])
+            yield Problem(
+                f"{deployment_path(s, d)}.vision.cache.throughputMode",
+                f"must match {first}.vision.cache.throughputMode "
+                f"({tiers[0].vision.cache.throughput_mode}): the stack's vision tiers share one "
+                "EFS file system",
+                d.vision.cache.throughput_mode,
+            )
 
 
 def _deployment_vision_rules(s: Settings, path: str, d: DeploymentSettings) -> Iterator[Problem]:
@@ -79,12 +94,20 @@ def _cache_problems(path: str, d: DeploymentSettings) -> Iterator[Problem]:
     yield from positive(f"{path}.ttlHours", c.ttl_hours)
     yield from positive(f"{path}.maxSizeGib", c.max_size_gib)
     fields = c.expiry_schedule.split()
-    if len(fields) != _CRON_FIELDS or not all(_CRON_FIELD.match(f) for f in fields):
+    if len(fields) != len(_CRON_RANGES) or not all(_CRON_FIELD.match(f) for f in fields):
         yield Problem(
             f"{path}.expirySchedule",
             "must be a five-field cron schedule of numbers, *, /, - and , (e.g. '*/15 * * * *')",
             c.expiry_schedule,
         )
+        return
+    for field, (name, lo, hi) in zip(fields, _CRON_RANGES, strict=True):
+        if any(not lo <= int(n) <= hi for n in _CRON_VALUE.findall(field)):
+            yield Problem(
+                f"{path}.expirySchedule",
+                f"the {name} field {field!r} leaves {lo}-{hi}",
+                c.expiry_schedule,
+            )
 
 
 def encoder_plan(s: Settings, d: DeploymentSettings) -> VisionPlan | None:

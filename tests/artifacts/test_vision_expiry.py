@@ -10,7 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from components.render.vision_tier import EXPIRY_SCRIPT, STALE_TEMP_SECONDS
+from components.render.vision_tier import EXPIRY_SCRIPT, STALE_TEMP_SECONDS, expiry_command
+from stacks.settings import load_stack_file, stack_file
 
 DAY = 24 * 3600
 FILE = "encoder_cache.safetensors"
@@ -60,3 +61,18 @@ def test_over_the_bound_the_least_recently_used_go_first(tmp_path: Path) -> None
     assert [f.exists() for f in files] == [False, False, True, True, True]
     assert report["evicted"] == 2
     assert report["bytes"] == 3000
+
+
+def test_the_command_staging_renders_runs_with_its_flags_read(tmp_path: Path) -> None:
+    """The CronJob's own argv (interpreter and root swapped): its flags are the ones the script
+    reads, and staging's cache.maxSizeGib: 50 arrives as bytes."""
+    d = load_stack_file(stack_file("staging")).serving.deployments[0]
+    argv = expiry_command(d)
+    argv[0] = sys.executable
+    argv[argv.index("--root") + 1] = str(tmp_path)
+    kept = put(tmp_path, f"rev/a/{FILE}", 100, 60)
+    old = put(tmp_path, f"rev/b/{FILE}", 100, DAY + 60)  # staging keeps the default 24 h TTL
+    done = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60)
+    report = json.loads(done.stdout)
+    assert report["max_bytes"] == 50 * 1024**3
+    assert (kept.exists(), old.exists(), report["expired"]) == (True, False, 1)

@@ -62,6 +62,9 @@ def settings(config: Config | None = None) -> Any:
         ({"encoders": 3}, "vision.autoscaling.maxReplicas", "at least minReplicas (1) and"),
         ({"nodeGroup": "nope"}, "vision.nodeGroup", "must name one of gpuNodeGroups"),
         ({"cache": {"expirySchedule": "hourly"}}, "vision.cache.expirySchedule", "five-field"),
+        ({"cache": {"expirySchedule": "61 * * * *"}}, "vision.cache.expirySchedule", "0-59"),
+        ({"cache": {"expirySchedule": "0 0 * 13 *"}}, "vision.cache.expirySchedule", "1-12"),
+        ({"cache": {"expirySchedule": "0 0 0 * *"}}, "vision.cache.expirySchedule", "1-31"),
         ({"cache": {"ttlHours": 0}}, "vision.cache.ttlHours", "greater than 0"),
     ],
 )
@@ -73,6 +76,15 @@ def test_bad_vision_settings_name_their_key(change: dict[str, Any], path: str, w
     text = problems(config)
     assert f"serving.deployments[0].{path}" in text
     assert words in text
+
+
+def test_deployments_sharing_the_file_system_must_agree_on_its_throughput_mode() -> None:
+    config = staging()
+    thirty_two_b = config[NS + "serving"]["deployments"][1]
+    thirty_two_b[VISION] = {"mode": "disaggregated", "cache": {"throughputMode": "bursting"}}
+    text = problems(config)
+    assert "serving.deployments[1].vision.cache.throughputMode=bursting" in text
+    assert "serving.deployments[0]" in text  # the deployment whose mode the file system has
 
 
 def test_disaggregated_without_images_is_refused() -> None:
