@@ -8,51 +8,27 @@ repo root, inside the rehearsal's client namespace:
         --key-field gateway_api_key --model qwen3-vl-2b
 
 It makes a bounded number of requests (one per check, each with a timeout and no retries)
-and prints one JSON object of observations; the tests assert on it. Standard library and
-`openai` only: the project's venv does not have the SDK, so nothing here is imported there.
+and prints one JSON object of observations; the tests assert on it. `openai` is imported only
+in `run`: the project's venv does not have the SDK; the engine venv has it and also imports
+the repo's scripts.loadtest, whose test image this sends.
 """
 
 # pyright: reportMissingImports=false
 from __future__ import annotations
 
 import argparse
-import base64
 import json
-import struct
 import sys
 import time
-import zlib
 from pathlib import Path
 from typing import Any
+
+from scripts.loadtest import make_png, png_data_url
 
 REQUEST_TIMEOUT_S = 120.0
 MAX_TOKENS = 16
 STREAM_TOKENS = 32
 IMAGE_SIZE = 64  # a 64x64 PNG: 4 merged patches of the tiny model's 16 px grid
-
-
-def small_png(width: int = IMAGE_SIZE, height: int = IMAGE_SIZE) -> bytes:
-    """An RGB PNG with a gradient (stdlib only)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    rows = b"".join(
-        b"\x00" + bytes(v for x in range(width) for v in (x * 4 % 256, y * 4 % 256, 128))
-        for y in range(height)
-    )
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(rows))
-        + chunk(b"IEND", b"")
-    )
-
-
-def data_url(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def _usage(usage: Any) -> dict[str, int] | None:
@@ -103,7 +79,13 @@ def run(base_url: str, key: str, model: str) -> dict[str, Any]:
     prompt: list[Any] = [{"type": "text", "text": "What is in this image?"}]
     image_message: Any = {
         "role": "user",
-        "content": [*prompt, {"type": "image_url", "image_url": {"url": data_url(small_png())}}],
+        "content": [
+            *prompt,
+            {
+                "type": "image_url",
+                "image_url": {"url": png_data_url(make_png(IMAGE_SIZE, IMAGE_SIZE))},
+            },
+        ],
     }
     image = client.chat.completions.create(
         model=model, messages=[image_message], max_tokens=MAX_TOKENS

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from scripts.engine import launch
 from scripts.rehearsal import netns
 from scripts.rehearsal.plan import PROCESS_PATH
@@ -34,6 +36,20 @@ PR_SET_CHILD_SUBREAPER = 36
 
 MISSING_PROGRAMS = [p for p in PROGRAMS if shutil.which(p, path=PROCESS_PATH) is None]
 MISSING_ENGINE = RealEngine().missing()  # `make engine`
+REHEARSAL_MARKS = [
+    pytest.mark.rehearsal,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the rehearsal needs root"),
+    pytest.mark.skipif(
+        bool(MISSING_PROGRAMS), reason=f"missing programs (make debs): {MISSING_PROGRAMS}"
+    ),
+]
+
+
+def rehearse(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`python -m scripts.rehearse ARGS`, its output captured, bounded in time."""
+    return subprocess.run(
+        [*REHEARSE, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 @contextmanager
@@ -92,6 +108,9 @@ class Run:
         return sorted(netns.NETNS_ETC.glob(f"qvr-{self.run}-*"))
 
     def recorded_pids(self) -> list[int]:
+        """The pids in the run's state file ([] when `up` failed before writing one)."""
+        if not (self.state_dir / "state.json").exists():
+            return []
         state = json.loads((self.state_dir / "state.json").read_text())
         return [p["pid"] for p in state["processes"]]
 

@@ -100,8 +100,16 @@ def test_the_installed_engine_is_the_cpu_build(parsed: dict[str, Any]) -> None:
 def test_every_rendered_line_parses(parsed: dict[str, Any]) -> None:
     results = parsed["results"]
     rendered = {k: v for k, v in results.items() if k.split("/")[0] in STACKS}
-    # dev 1 deployment, staging 2, prod 2 (multi-node ones with a worker + concrete forms)
-    assert len(rendered) >= 8, sorted(rendered)
+    # the stack files: one single-node 2b everywhere, staging's 32b and prod's 235b two-node
+    # (leader, worker and the rehearsal's concrete forms of both)
+    group = ("leader", "worker", "leader-concrete", "worker-concrete")
+    assert set(rendered) == {
+        "dev/qwen3-vl-2b/leader",
+        "staging/qwen3-vl-2b/leader",
+        "prod/qwen3-vl-2b/leader",
+        *(f"staging/qwen3-vl-32b/{role}" for role in group),
+        *(f"prod/qwen3-vl-235b/{role}" for role in group),
+    }
     bad = {k: v["error"] for k, v in rendered.items() if not v["ok"]}
     assert bad == {}
 

@@ -7,12 +7,9 @@ against it: before ready, ready, traffic and metrics, hung (SIGSTOP), killed (SI
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import signal
-import struct
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +21,7 @@ from components.render.dashboards import build_dashboards
 from components.render.scrape_config import render_prometheus_config
 from components.render.vllm_command import spec_for
 from components.render.vllm_pods import GROUP_READY_SCRIPT, build_lws
+from scripts.loadtest import make_png, png_data_url
 from tests.support.dashboards import STACKS, settings_of
 from tests.support.engines import pod_templates
 from tests.support.metric_names import exposed_names, metric_names, reference_names
@@ -86,28 +84,9 @@ def test_readiness_and_liveness_pass_once_ready(probes: dict[str, Prober]) -> No
     assert probes["livenessProbe"].once().ok
 
 
-def _png(size: int = 64) -> bytes:
-    rows = b"".join(
-        b"\x00" + b"".join(bytes([(x * 4) % 256, (y * 4) % 256, 128]) for x in range(size))
-        for y in range(size)
-    )
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(rows))
-        + chunk(b"IEND", b"")
-    )
-
-
 def _traffic(pod: Pod, model: str) -> None:
     """Text, image and streaming chats and a completion: what fills every metric family."""
-    image = "data:image/png;base64," + base64.b64encode(_png()).decode()
+    image = png_data_url(make_png(64, 64))
     bodies = [
         {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8},
         {

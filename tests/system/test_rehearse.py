@@ -26,11 +26,12 @@ from pathlib import Path
 import pytest
 
 from tests.support.rehearsal_run import (
-    MISSING_PROGRAMS,
+    REHEARSAL_MARKS,
     REHEARSE,
     Run,
     assert_nothing_left,
     assert_verified,
+    rehearse,
     subreaper,
     verify,
 )
@@ -41,13 +42,7 @@ UP_TIMEOUT_S = 120.0
 # are tests/system/test_rehearse_real.py's.
 STANDIN = ("--engine", "standin")
 
-pytestmark = [
-    pytest.mark.rehearsal,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the rehearsal needs root"),
-    pytest.mark.skipif(
-        bool(MISSING_PROGRAMS), reason=f"missing programs (make debs): {MISSING_PROGRAMS}"
-    ),
-]
+pytestmark = REHEARSAL_MARKS
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -119,34 +114,18 @@ def test_staging_detached_multi_node_group_verifies_and_down_removes_it(
     tmp_path: Path, state_parent: Path
 ) -> None:
     run = Run("staging", state_parent / "state")
-    up = subprocess.run(
-        [*REHEARSE, "--stack", "staging", "--detach", *run.args(*STANDIN)],
-        capture_output=True,
-        text=True,
-        timeout=UP_TIMEOUT_S,
-        check=False,
-    )
-    pids = run.recorded_pids() if (run.state_dir / "state.json").exists() else []
+    up = rehearse("--stack", "staging", "--detach", *run.args(*STANDIN), timeout=UP_TIMEOUT_S)
+    pids = run.recorded_pids()
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         assert "engine worker rank 1       ready joined its leader (:29501)" in up.stdout
-        status = subprocess.run(
-            [*REHEARSE, "status", *run.args()],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        status = rehearse("status", *run.args(), timeout=30)
         assert status.returncode == 0, status.stdout
         assert f"{len(pids)}/{len(pids)} processes running" in status.stdout
         # A second rehearsal with the same run id must not start, let alone tear this one down.
         twin = Run("staging", state_parent / "twin")
-        clash = subprocess.run(
-            [*REHEARSE, "--stack", "staging", "--state-dir", str(twin.state_dir), "--run", run.run],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+        clash = rehearse(
+            "--stack", "staging", "--state-dir", str(twin.state_dir), "--run", run.run, timeout=60
         )
         assert clash.returncode == 1
         assert f"already exist: another rehearsal uses run id '{run.run}'" in clash.stderr
@@ -154,13 +133,7 @@ def test_staging_detached_multi_node_group_verifies_and_down_removes_it(
         assert_verified(result, tmp_path, run.stack)
         assert "qwen3-vl-32b-0-1" in result.stdout  # the worker's host was checked
     finally:
-        down = subprocess.run(
-            [*REHEARSE, "down", *run.args()],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        down = rehearse("down", *run.args(), timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr
     assert_nothing_left(run, pids)
 
@@ -181,17 +154,11 @@ def test_a_corrupted_worker_fails_the_rehearsal_naming_pod_and_flag(
     run = Run("staging", state_parent / "state")
     pod = "qwen3-vl-32b-0-1"
     hook = f"{pod}:{corruption}"
-    result = subprocess.run(
-        [
-            *REHEARSE,
-            "--stack",
-            "staging",
-            *run.args(*STANDIN, "--join-timeout", "5", "--corrupt", hook),
-        ],
-        capture_output=True,
-        text=True,
+    result = rehearse(
+        "--stack",
+        "staging",
+        *run.args(*STANDIN, "--join-timeout", "5", "--corrupt", hook),
         timeout=UP_TIMEOUT_S,
-        check=False,
     )
     assert result.returncode == 1, result.stdout + result.stderr
     failure = result.stdout[result.stdout.index("rehearse: ") :]

@@ -22,7 +22,6 @@ then:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -41,13 +40,13 @@ from stacks.schema import Settings
 from stacks.settings import load_stack_file
 from tests.support.rehearsal_run import (
     MISSING_ENGINE,
-    MISSING_PROGRAMS,
-    REHEARSE,
+    REHEARSAL_MARKS,
     ROOT,
     Run,
     assert_nothing_left,
     assert_verified,
     http_outcome,
+    rehearse,
     shm_files,
     subreaper,
     tcp_outcome,
@@ -61,11 +60,7 @@ ENGINE_RSS_BUDGET = 8 * 10**9
 ENGINE_PYTHON = DEFAULT_VLLM.parent / "python"  # the engine venv: it has `openai`
 
 pytestmark = [
-    pytest.mark.rehearsal,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the rehearsal needs root"),
-    pytest.mark.skipif(
-        bool(MISSING_PROGRAMS), reason=f"missing programs (make debs): {MISSING_PROGRAMS}"
-    ),
+    *REHEARSAL_MARKS,
     pytest.mark.skipif(
         bool(MISSING_ENGINE), reason=f"no real engine (make engine): {MISSING_ENGINE}"
     ),
@@ -127,25 +122,13 @@ def rehearsal(request: pytest.FixtureRequest) -> Iterator[Rehearsal]:
     )
     run = Run(stack, parent / "state", name="real-" + name.split("-")[0])
     shm_before = shm_files()
-    up = subprocess.run(
-        [*REHEARSE, "--stack", stack, "--detach", *run.args()],
-        capture_output=True,
-        text=True,
-        timeout=UP_TIMEOUT_S,
-        check=False,
-    )
-    pids = run.recorded_pids() if (run.state_dir / "state.json").exists() else []
+    up = rehearse("--stack", stack, "--detach", *run.args(), timeout=UP_TIMEOUT_S)
+    pids = run.recorded_pids()
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         yield Rehearsal(run, up, pids)
     finally:
-        down = subprocess.run(
-            [*REHEARSE, "down", *run.args()],
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
+        down = rehearse("down", *run.args(), timeout=180)
         try:
             assert down.returncode == 0, down.stdout + down.stderr
             assert_nothing_left(run, pids, shm_before)

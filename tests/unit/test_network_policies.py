@@ -20,7 +20,6 @@ from components.render.network_policies import (
 )
 from components.render.vllm_command import LEADER, WORKER
 from components.render.vllm_pods import pod_labels
-from stacks.naming import LWS_GROUP_INDEX_LABEL, LWS_NAME_LABEL
 from tests.support.engines import settings_of, spec_of
 
 
@@ -55,9 +54,11 @@ def test_one_group_policy_per_group_index_only_for_multi_node_deployments() -> N
     assert spec["podSelector"] == same["podSelector"]
     assert spec["ingress"] == [{"from": [same]}]
     assert spec["egress"] == [{"to": [same]}]
+    # the labels the LWS controller puts on every pod of a group
+    # (docs/reference/eks-network-policy.md#lws-pod-labels)
     assert group_selector("qwen3-vl-32b", 0) == {
-        LWS_NAME_LABEL: "qwen3-vl-32b",
-        LWS_GROUP_INDEX_LABEL: "0",
+        "leaderworkerset.sigs.k8s.io/name": "qwen3-vl-32b",
+        "leaderworkerset.sigs.k8s.io/group-index": "0",
     }
 
 
