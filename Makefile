@@ -17,14 +17,13 @@ MAKEFLAGS += --no-builtin-rules
 STACK ?= dev
 VENV ?= .venv
 PYTHON3 ?= python3
-UV_VERSION := 0.13.9
 LOCK := requirements.lock
 DEBS_FILE := scripts/debian-packages.txt
 
 PYTHON := $(VENV)/bin/python
 # Inside the venv, so a deleted or relocated venv (VENV=...) never looks up to date.
 VENV_STAMP := $(VENV)/.stamp-lock
-# `python3 -m uv` finds the binary pip installed, whether or not its bin dir is on PATH.
+# The uv scripts/lock-venv.sh pins; `python3 -m uv` finds it whether or not its bin dir is on PATH.
 UV := $(PYTHON3) -m uv
 # Only paths that exist: other work adds these directories over time.
 SRC := $(wildcard components program stacks scripts policy tests __main__.py)
@@ -47,14 +46,7 @@ COMPILE_PACKAGES := pulumi pulumi_aws pulumi_kubernetes pulumi_random pulumi_pol
 venv: $(VENV_STAMP)
 
 $(VENV_STAMP): $(LOCK) Makefile
-	@echo "==> venv $(VENV) from $(LOCK)"
-	@have="$$($(UV) --version 2>/dev/null | cut -d' ' -f2)" || true; \
-	if [ "$$have" != "$(UV_VERSION)" ]; then \
-		echo "installing uv $(UV_VERSION) for $(PYTHON3) (found: $${have:-none})"; \
-		$(PYTHON3) -m pip install --quiet --root-user-action=ignore "uv==$(UV_VERSION)"; \
-	fi
-	@[ -x $(PYTHON) ] || $(UV) venv --quiet --python $(PYTHON3) $(VENV)
-	$(UV) pip sync --quiet --require-hashes --python $(PYTHON) $(LOCK)
+	@PYTHON3=$(PYTHON3) bash scripts/lock-venv.sh $(VENV) $(LOCK)
 	@site="$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"; \
 	dirs=""; for p in $(COMPILE_PACKAGES); do \
 		if [ -d "$$site/$$p" ]; then dirs="$$dirs $$site/$$p"; fi; \
@@ -118,7 +110,7 @@ charts: $(VENV_STAMP) helm
 ENGINE_VENV ?= .venv-engine
 ENGINE_MODEL ?= build/engine/tiny-qwen3-vl
 engine:
-	@bash scripts/engine/install.sh $(ENGINE_VENV)
+	@PYTHON3=$(PYTHON3) bash scripts/engine/install.sh $(ENGINE_VENV)
 	$(ENGINE_VENV)/bin/python -m scripts.engine.tiny_model $(ENGINE_MODEL)
 
 engine-lock:

@@ -1,6 +1,6 @@
 """Which stacks a change affects, for the pull-request previews: changed paths in, JSON out.
 
-  git diff --name-only origin/main...HEAD | python3 scripts/affected_stacks.py
+  git diff --name-only origin/main...HEAD | python -m scripts.affected_stacks
   ["dev", "staging"]
 
 A changed `Pulumi.<stack>.yaml` affects that stack; documentation, tests and

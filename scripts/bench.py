@@ -1377,6 +1377,16 @@ def render_markdown(
 # --------------------------------------------------------------------------- the command
 
 
+def _writable(value: str) -> Path:
+    """Checked before the run: a missing directory found after ~30 min would lose its figures."""
+    path = Path(value)
+    if not path.parent.resolve().is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{path.parent} is not a directory: create it or write into docs/"
+        )
+    return path
+
+
 def parser() -> argparse.ArgumentParser:
     d = BenchOptions()
     p = argparse.ArgumentParser(
@@ -1386,7 +1396,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("command", nargs="?", default="run", choices=("run", "down"))
     p.add_argument("--only", action="append", choices=FIGURES, help="measure these figures only")
-    p.add_argument("--write", type=Path, help="write the results as Markdown (docs/BENCHMARKS.md)")
+    p.add_argument(
+        "--write", type=_writable, help="write the results as Markdown (docs/BENCHMARKS.md)"
+    )
     p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     p.add_argument(
         "--records", type=Path, help=f"raw CSVs here (default {DEFAULT_RECORDS_ROOT}/<date>)"

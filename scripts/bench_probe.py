@@ -152,9 +152,20 @@ def body(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+PROBES = {"quota": quota, "priority": priority, "body": body}
+
+
 def main(argv: list[str]) -> int:
-    kind, spec = argv[0], json.loads(argv[1])
-    result = {"quota": quota, "priority": priority, "body": body}[kind](spec)
+    try:
+        kind, text = argv
+        probe, spec = PROBES[kind], json.loads(text)
+    except (ValueError, KeyError) as err:  # JSONDecodeError is a ValueError
+        print(
+            f"bench_probe: {err!s}\nusage: bench_probe.py {{{','.join(PROBES)}}} SPEC_JSON",
+            file=sys.stderr,
+        )
+        return 2
+    result = probe(spec)
     print(json.dumps(result))
     return 0
 

@@ -80,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("file", help="a stack file path, or a stack name such as dev")
     args = parser.parse_args(argv)
-    path = Path(args.file) if args.file.endswith(".yaml") else stack_file(args.file)
+    path = (
+        Path(args.file)
+        if args.file.endswith((".yaml", ".yml")) or "/" in args.file
+        else stack_file(args.file)
+    )
     try:
         settings = load_stack_file(path)
     except SettingsError as err:

@@ -1,9 +1,9 @@
 """Monthly on-demand cost estimate of a stack, and the delta against another stack or version.
 
-  scripts/cost.py --stack dev                         estimate of Pulumi.dev.yaml
-  scripts/cost.py --stack prod --against staging      prod next to staging
+  python -m scripts.cost --stack dev                         estimate of Pulumi.dev.yaml
+  python -m scripts.cost --stack prod --against staging      prod next to staging
   git show origin/main:Pulumi.prod.yaml > /tmp/base.yaml
-  scripts/cost.py --stack prod --base-file /tmp/base.yaml --markdown   (the PR comment)
+  python -m scripts.cost --stack prod --base-file /tmp/base.yaml --markdown   (the PR comment)
 
 Prices come from stacks/prices.py (AWS public on-demand list prices for us-east-1, written
 from memory and unchecked: the output says so, with the pages to refresh them from); a

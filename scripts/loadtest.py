@@ -670,8 +670,9 @@ def rehearsal_target(state_dir: Path, stack: str, key_id: str | None) -> Target:
     if not inventory_path.exists():
         raise LoadtestError(
             f"no running rehearsal in {state_dir} ({inventory_path.name} is missing): start one "
-            f"with `make rehearse STACK={stack}` in another terminal (or `scripts/rehearse.py "
-            f"--stack {stack} --detach`), or use --target cluster"
+            f"with `make rehearse STACK={stack}` in another terminal (or `python -m "
+            f"scripts.rehearse --stack {stack} --detach --state-dir {state_dir}`), "
+            "or use --target cluster"
         )
     inventory = _read_json(inventory_path)
     if inventory.get("stack") != stack:

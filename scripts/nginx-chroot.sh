@@ -37,15 +37,15 @@ chroot_version() {
 }
 
 # The snapshot mirrors apt may use serve Release files past their Valid-Until date.
-APT_OPTS="-o Acquire::Check-Valid-Until=false -qq"
+APT_OPTS=(-o Acquire::Check-Valid-Until=false -qq)
 PACKAGES=nginx-light,libnginx-mod-http-js
 JS_MODULE=/usr/lib/nginx/modules/ngx_http_js_module.so
 
 # A chroot built before the router needed njs: add the module in place.
 add_njs() {
     say "adding libnginx-mod-http-js to $1"
-    chroot "$1" apt-get $APT_OPTS update || die "apt-get update failed in $1"
-    DEBIAN_FRONTEND=noninteractive chroot "$1" apt-get $APT_OPTS install -y libnginx-mod-http-js \
+    chroot "$1" apt-get "${APT_OPTS[@]}" update || die "apt-get update failed in $1"
+    DEBIAN_FRONTEND=noninteractive chroot "$1" apt-get "${APT_OPTS[@]}" install -y libnginx-mod-http-js \
         || die "could not install libnginx-mod-http-js in $1"
 }
 

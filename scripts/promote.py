@@ -1,4 +1,4 @@
-"""Promote what runs from one stack to the next: scripts/promote.py SRC DST.
+"""Promote what runs from one stack to the next: python -m scripts.promote SRC DST.
 
 Copies the settings marked `promotable=True` in stacks/schema.py (image digests, model
 ids and revisions, serving and gateway options) from Pulumi.SRC.yaml into
@@ -6,12 +6,12 @@ Pulumi.DST.yaml, and never the stack-specific ones (sizes, counts, AZs, domains,
 secrets). DST keeps its comments, key order and quoting; the change is printed as a
 unified diff.
 
-  scripts/promote.py staging prod            promote, print the diff, write Pulumi.prod.yaml
-  scripts/promote.py staging prod --dry-run  all checks and the diff, nothing written
-  scripts/promote.py staging prod --check    exit 1 when prod is behind staging (CI drift check)
+  python -m scripts.promote staging prod            promote, print the diff, write Pulumi.prod.yaml
+  python -m scripts.promote staging prod --dry-run  all checks and the diff, nothing written
+  python -m scripts.promote staging prod --check    exit 1 when prod is behind staging (CI drift check)
 
 Refuses (exit 1, nothing written) when SRC has no passing verification record for its
-current config (`scripts/verify.py --stack SRC` writes it), or when the promoted DST
+current config (`python -m scripts.verify --stack SRC` writes it), or when the promoted DST
 would fail validation or the capacity planner. Deployments are matched by name; one
 that exists only in SRC is reported, not created, because its node group and sizes
 are stack-specific: add it to DST by hand, then promote again.
@@ -255,7 +255,7 @@ def run(src: str, dst: str, *, root: Path, check: bool, dry_run: bool) -> int:
     print(unified_diff(before, after, dst_file.name), end="")
     print(f"{len(result.changes)} promotable setting(s) differ: {', '.join(result.changes)}")
     if check:
-        print(f"{dst} is behind {src}: run `scripts/promote.py {src} {dst}`.")
+        print(f"{dst} is behind {src}: run `python -m scripts.promote {src} {dst}`.")
         return 1
     _validate(dst, after)
     if dry_run:

@@ -1,12 +1,12 @@
 """Run a stack's data plane on this machine: the offline rehearsal.
 
-`rehearse.py --stack dev` brings up, in network namespaces, the gateway (nginx), the
+`python -m scripts.rehearse --stack dev` brings up, in network namespaces, the gateway (nginx), the
 engines (the real vLLM CPU engine on a tiny Qwen3-VL, or with --engine standin a CPU
 stand-in for `vllm serve`, given each pod's command line and env),
 Redis, Prometheus with the alert rules, the exporters and chronyd on every simulated
 node, all from the configs the cluster gets (docs/rehearsal.md lists every difference).
 It prints progress, then the endpoints, and runs until Ctrl-C (or, with --detach,
-until `rehearse.py down`). Needs root.
+until `python -m scripts.rehearse down`). Needs root.
 """
 
 from __future__ import annotations
@@ -71,13 +71,13 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m scripts.rehearse",
         description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-        "  rehearse.py --stack dev              # foreground; Ctrl-C tears everything down\n"
-        "  rehearse.py --stack staging --detach # returns once up; stop with `rehearse.py down`\n"
-        "  rehearse.py status\n"
-        "  rehearse.py down                     # also after a crash (from the state file)\n"
-        "  rehearse.py substitutions            # what differs from the cluster\n"
-        "  rehearse.py firewall --stack staging # the nftables rules each namespace gets\n",
+        epilog="examples (python -m scripts.rehearse ...):\n"
+        "  --stack dev              # foreground; Ctrl-C tears everything down\n"
+        "  --stack staging --detach # returns once up; stop with `python -m scripts.rehearse down`\n"
+        "  status\n"
+        "  down                     # also after a crash (from the state file)\n"
+        "  substitutions            # what differs from the cluster\n"
+        "  firewall --stack staging # the nftables rules each namespace gets\n",
     )
     p.add_argument(
         "command",

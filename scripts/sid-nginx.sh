@@ -12,8 +12,12 @@
 # the command, so the caller's PID is nginx's master (stop it by that PID).
 set -eu
 CHROOT="${NGINX_CHROOT:-/var/cache/qwen-vl/nginx-sid}"
+usage() { echo "sid-nginx: error: usage: sid-nginx.sh [--user U:G] DIR... -- nginx ARGS" >&2; exit 2; }
 user=""
-if [ "${1:-}" = "--user" ]; then user="$2"; shift 2; fi
+if [ "${1:-}" = "--user" ]; then
+    [ "$#" -ge 2 ] || usage
+    user="$2"; shift 2
+fi
 dirs=""
 while [ "$#" -gt 0 ] && [ "$1" != "--" ]; do
     case "$1" in
@@ -22,11 +26,12 @@ while [ "$#" -gt 0 ] && [ "$1" != "--" ]; do
     esac
     shift
 done
-[ "${1:-}" = "--" ] || { echo "sid-nginx: error: usage: sid-nginx.sh [--user U:G] DIR... -- nginx ARGS" >&2; exit 2; }
+[ "${1:-}" = "--" ] || usage
 shift
 [ -x "$CHROOT/usr/sbin/nginx" ] || { echo "sid-nginx: error: no nginx in $CHROOT; run make nginx-chroot" >&2; exit 1; }
 [ -e "$CHROOT/usr/lib/nginx/modules/ngx_http_js_module.so" ] || {
     echo "sid-nginx: error: no njs module in $CHROOT; run make nginx-chroot" >&2; exit 1; }
+# shellcheck disable=SC2016 # single quotes on purpose: the inner sh expands its own $1, $@
 exec unshare --mount --propagation private sh -c '
     set -eu
     chroot_dir=$1; user=$2; dirs=$3; shift 3

@@ -1,7 +1,7 @@
-"""Verification records: which config of a stack passed `scripts/verify.py`, and when.
+"""Verification records: which config of a stack passed `python -m scripts.verify`, and when.
 
-`scripts/verify.py` writes one record per stack to `.verify/<stack>.json` (the latest
-run wins); `scripts/promote.py` refuses to promote a stack whose CURRENT config has no
+`python -m scripts.verify` writes one record per stack to `.verify/<stack>.json` (the latest
+run wins); `python -m scripts.promote` refuses to promote a stack whose CURRENT config has no
 passing record. The config hash covers the `config:` mapping of `Pulumi.<stack>.yaml`
 only, as canonical JSON, so comments, key order and quoting do not change it while any
 value change does.
@@ -117,7 +117,7 @@ def read_record(stack: str, directory: Path = RECORD_DIR) -> VerificationRecord 
 def unverified_reason(stack: str, stack_file: Path, directory: Path = RECORD_DIR) -> str | None:
     """Why `stack` has no passing record for its current config; None when it has one."""
     record = read_record(stack, directory)
-    verify = f"`scripts/verify.py --stack {stack}`"
+    verify = f"`python -m scripts.verify --stack {stack}`"
     if record is None:
         missing = record_path(stack, directory)
         return f"{stack} has never been verified ({missing} is missing): run {verify} first"

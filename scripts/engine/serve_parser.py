@@ -75,7 +75,13 @@ def _options(top: Any) -> list[str]:  # pragma: no cover
     return sorted({s for a in parser._actions for s in a.option_strings})
 
 
-def main() -> None:  # pragma: no cover - runs inside the engine venv
+def main(args: Sequence[str]) -> int:  # pragma: no cover - runs inside the engine venv
+    if args:
+        print(
+            f"usage: python -m scripts.engine.serve_parser < REQUEST_JSON\n{__doc__}",
+            file=sys.stderr,
+        )
+        return 2
     request = json.load(sys.stdin)
     top = _serve_parser()
     out: dict[str, Any] = {"version": _vllm("vllm").__version__}
@@ -84,6 +90,7 @@ def main() -> None:  # pragma: no cover - runs inside the engine venv
     if "lines" in request:
         out["results"] = {name: _parse_one(top, argv) for name, argv in request["lines"].items()}
     json.dump(out, sys.stdout)
+    return 0
 
 
 def _run(python: str | Path, request: Mapping[str, Any]) -> dict[str, Any]:
@@ -118,4 +125,4 @@ def parser_options(python: str | Path) -> tuple[str, list[str]]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))

@@ -106,7 +106,8 @@ CORPUS = (
 
 def main(argv: list[str]) -> int:
     """Entry point: one argument, the output directory."""
-    if len(argv) != 1:
+    # An option is never an OUT_DIR: `--help` would otherwise build a model in ./--help.
+    if len(argv) != 1 or argv[0].startswith("-"):
         print("usage: python -m scripts.engine.tiny_model OUT_DIR", file=sys.stderr)
         return 2
     out = Path(argv[0]).resolve()

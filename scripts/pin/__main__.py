@@ -27,8 +27,9 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n", 1)[0] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--stack", help="stack name: edits Pulumi.<stack>.yaml at the repo root")
-    p.add_argument("--file", type=Path, help="the stack file to edit (instead of --stack)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--stack", help="stack name: edits Pulumi.<stack>.yaml at the repo root")
+    which.add_argument("--file", type=Path, help="the stack file to edit (instead of --stack)")
     p.add_argument("--verify", action="store_true", help="check the pins, change nothing")
     p.add_argument(
         "--insecure-registry",
@@ -38,9 +39,19 @@ def _parser() -> argparse.ArgumentParser:
         help="loopback registry spoken to over plain HTTP (repeatable)",
     )
     p.add_argument(
-        "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per HTTP request"
+        "--timeout", type=_seconds, default=DEFAULT_TIMEOUT, help="seconds per HTTP request"
     )
     return p
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{value}: give a number of seconds above 0")
+    return seconds
 
 
 def fix_command(args: argparse.Namespace) -> str:
@@ -64,8 +75,6 @@ def run(args: argparse.Namespace) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if not args.stack and not args.file:
-        parser.error("name the stack file: --stack NAME or --file PATH")
     try:
         lines = run(args)
     except StackProblems as err:

@@ -53,14 +53,12 @@ from scripts.engine.launch import (
     wait_ready,
 )
 from scripts.loadtest import make_png
-from scripts.rehearsal.layout import REPO_ROOT
+from scripts.rehearsal.plan import NGINX_USER, sid_nginx, stack_path
 from scripts.rehearsal.real_engine import EC_TRANSFER_FLAG, RealEngine, real_argv
 from stacks.naming import encoder_name
 from stacks.schema import DeploymentSettings, Settings
-from stacks.settings import load_stack_file
+from stacks.settings import SettingsError, load_stack_file
 
-SID_NGINX: Final = REPO_ROOT / "scripts" / "sid-nginx.sh"
-NOBODY: Final = "nobody:nogroup"
 LOOPBACK: Final = "127.0.0.1"
 CLIENT_KEY_ID: Final = "default"
 READY_TIMEOUT_S: Final = 600.0  # three engines importing vLLM at once on 2 cores
@@ -246,12 +244,12 @@ def _start_gateway(settings: Settings, topo: Topology, with_encoder: bool) -> No
     Path(paths.runtime_dir, CONF_FILE).write_text(render_nginx_conf(args))
     for file in gateway_includes(args, {CLIENT_KEY_ID: topo.client_key}, topo.engine_key):
         file.path.write_text(file.text)
-    shutil.chown(root, "nobody")
+    shutil.chown(root, NGINX_USER)
     for path in root.rglob("*"):
-        shutil.chown(path, "nobody")
+        shutil.chown(path, NGINX_USER)
     with (topo.work / "gateway.log").open("wb") as log:
         topo.gateway = subprocess.Popen(
-            [str(SID_NGINX), "--user", NOBODY, "/tmp", "--", "nginx", "-c",
+            [*sid_nginx(Path("/tmp")), "nginx", "-c",
              f"{paths.runtime_dir}/{CONF_FILE}", "-p", f"{paths.runtime_dir}/"],
             stdout=log, stderr=log, start_new_session=True,
         )  # fmt: skip
@@ -329,10 +327,13 @@ def png_data_url(seed: int, size: int = 64) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.rehearsal.epd", description=__doc__)
-    parser.add_argument("--stack", default="staging")
+    parser.add_argument("--stack", default="staging", help="a stack name or a stack file path")
     parser.add_argument("--deployment", default=None)
     args = parser.parse_args(argv)
-    settings = load_stack_file(REPO_ROOT / f"Pulumi.{args.stack}.yaml")
+    try:
+        settings = load_stack_file(stack_path(args.stack))
+    except SettingsError as err:
+        parser.error(f"--stack {args.stack}: {err}")
     work = Path(tempfile.mkdtemp(prefix="qwen-vl-epd-"))
     with epd(settings, work, deployment=args.deployment) as topo:
         answer = topo.chat([image_part(png_data_url(1)), text_part("what is this?")])

@@ -136,12 +136,6 @@ NTP_PORT: Final = 123
 # nginx runs unprivileged, as in the gateway pod (uid 101 there; nobody here).
 NGINX_USER: Final = "nobody"
 NGINX_GROUP: Final = "nogroup"
-AS_NGINX_USER: Final = (
-    "setpriv",
-    f"--reuid={NGINX_USER}",
-    f"--regid={NGINX_GROUP}",
-    "--clear-groups",
-)
 # The gateway's routing tier needs njs >= 0.8: the sid chroot's nginx runs it, seeing the
 # rehearsal's state directory at its own path (scripts/sid-nginx.sh).
 SID_NGINX: Final = Path(__file__).resolve().parents[1] / "sid-nginx.sh"

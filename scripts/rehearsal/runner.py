@@ -2,7 +2,7 @@
 
 Every process is a foreground child (scripts/rehearsal/netns.py records it in the state
 file before it runs), every wait has a deadline, and teardown runs in `finally` blocks:
-whatever happens, `teardown` (or `scripts/rehearse.py down` after a crash) removes
+whatever happens, `teardown` (or `python -m scripts.rehearse down` after a crash) removes
 every namespace, process and file the rehearsal made.
 """
 
@@ -262,17 +262,6 @@ def _run_stage(
 # --------------------------------------------------------------------------- engines
 
 
-def process_tree_rss(pid: int) -> int:
-    """RSS in bytes of the process group `pid` leads (each rehearsal process has its own)."""
-    total = 0
-    for member in launch.group_pids(pid):
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{member}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-    return total
-
-
 def report_engines(
     layout: Layout,
     state: netns.State,
@@ -290,7 +279,7 @@ def report_engines(
     for spec in engines:
         pod = spec.pod or spec.name
         group_ready = leaders.get(pod, leaders.get(pod.rsplit("-", 1)[0], ready_s[spec.name]))
-        rss = process_tree_rss(pids[spec.name])
+        rss = launch.group_rss_bytes(pids[spec.name])  # each rehearsal process leads a group
         stats[pod] = {
             "program": spec.program,
             "ready_s": round(max(group_ready, ready_s[spec.name]), 1),
